@@ -1,0 +1,367 @@
+//! The eBPF data plane: loads capstan's socket programs, pins their maps and links under
+//! bpffs, and reconciles the maps with the desired state ([`plan`] decides, this module
+//! writes).
+//!
+//! Programs stay attached across agent restarts: their links are pinned, and a new agent
+//! swaps its freshly loaded programs into the existing links (`BPF_LINK_UPDATE`) instead of
+//! detaching anything, so no connection is made without a program in between.
+pub mod plan;
+mod sys;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::{Ebpf, EbpfLoader, sys::SyscallError};
+use capstan_proxy_common::*;
+use tracing::{debug, error, info, warn};
+
+use self::plan::{Changes, Ids, MapState, Op};
+use super::{Dataplane, SyncReport};
+use crate::model::DesiredState;
+
+pub use sys::{ensure_bpffs, netns_cookie};
+
+/// The compiled eBPF object, committed to the repository (`cargo xtask build-ebpf`
+/// rebuilds it; CI checks that it matches the source).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/capstan-proxy.bpf.o");
+
+/// Failures that stop the eBPF data plane from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// bpffs could not be found or mounted, or the pin directory not created.
+    #[error("bpffs at {path}: {source}")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    /// The cgroup to attach to could not be opened.
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    /// The kernel refused the object (verifier, map creation).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {message}")]
+    Program { name: &'static str, message: String },
+    /// A map is missing from the object or could not be read.
+    #[error("map {name}: {message}")]
+    Map { name: &'static str, message: String },
+}
+
+/// Map sizes (flags).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub reverse: u32,
+    pub affinity: u32,
+    pub maglev: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: DEFAULT_SERVICES_MAX,
+            backends: DEFAULT_BACKENDS_MAX,
+            reverse: DEFAULT_REVERSE_MAX,
+            affinity: DEFAULT_AFFINITY_MAX,
+            maglev: DEFAULT_MAGLEV_MAX,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where maps and links are pinned (`/sys/fs/bpf/capstan`).
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 directory whose sockets are balanced (the root for a whole node).
+    pub cgroup: PathBuf,
+    pub sizes: MapSizes,
+    /// Maglev table size (prime, at most MAGLEV_MAX_TABLE).
+    pub maglev_m: u32,
+}
+
+pub struct EbpfDataplane {
+    /// Keeps the programs loaded.
+    _ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    node_addrs: HashMap<MapData, NodeAddrKey, u32>,
+    reverse_entries: HashMap<MapData, ReverseKey, ReverseValue>,
+    counters: PerCpuArray<MapData, u64>,
+    mirror: MapState,
+    ids: Ids,
+    maglev_m: u32,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::Map { name, message: "not in the object".into() })?;
+    T::try_from(map).map_err(|e| Error::Map { name, message: e.to_string() })
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+impl EbpfDataplane {
+    /// Loads the programs and maps (reusing pinned maps), attaches or re-links the
+    /// programs, and reads what the maps hold.
+    pub fn start(opts: &Options) -> Result<Self, Error> {
+        ensure_bpffs(&opts.pin_dir).map_err(|source| Error::Bpffs { path: opts.pin_dir.clone(), source })?;
+        sys::create_private_dir(&opts.pin_dir)
+            .and_then(|_| sys::create_private_dir(&links_dir(&opts.pin_dir)))
+            .map_err(|source| Error::Bpffs { path: opts.pin_dir.clone(), source })?;
+        let cgroup = fs::File::open(&opts.cgroup).map_err(|source| Error::Cgroup { path: opts.cgroup.clone(), source })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .map_max_entries(SERVICES_MAP, opts.sizes.services)
+            .map_max_entries(BACKENDS_MAP, opts.sizes.backends)
+            .map_max_entries(REVERSE_MAP, opts.sizes.reverse)
+            .map_max_entries(AFFINITY_MAP, opts.sizes.affinity)
+            .map_max_entries(MAGLEV_MAP, opts.sizes.maglev)
+            .load(OBJECT)?;
+
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(Error::Program { name, message: "not in the object".into() })?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| Error::Program { name, message: e.to_string() })?;
+            prog.load().map_err(|e| Error::Program { name, message: format!("{e:?}") })?;
+            let pin = links_dir(&opts.pin_dir).join(name);
+            let prog_fd = prog.fd().map_err(|e| Error::Program { name, message: e.to_string() })?;
+            if pin.exists() {
+                sys::link_update(&pin, prog_fd.as_fd())
+                    .map_err(|e| Error::Program { name, message: format!("updating pinned link {}: {e}", pin.display()) })?;
+                debug!(program = name, "replaced the program in its pinned link");
+            } else {
+                let id = prog
+                    .attach(&cgroup, // With bpf_link the kernel takes no attach flags: links always coexist with
+                    // other programs on the hook.
+                    CgroupAttachMode::Single)
+                    .map_err(|e| Error::Program { name, message: format!("attach to {}: {e:?}", opts.cgroup.display()) })?;
+                let link = prog.take_link(id).map_err(|e| Error::Program { name, message: e.to_string() })?;
+                let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Program { name, message: e.to_string() })?;
+                fd_link.pin(&pin).map_err(|e| Error::Program { name, message: format!("pin link: {e}") })?;
+                debug!(program = name, cgroup = %opts.cgroup.display(), "attached");
+            }
+        }
+
+        let mut config: Array<MapData, Config> = take(&mut ebpf, CONFIG_MAP)?;
+        let cookie = netns_cookie().map_err(|e| Error::Map { name: CONFIG_MAP, message: format!("SO_NETNS_COOKIE: {e}") })?;
+        config
+            .set(0, Config { host_netns_cookie: cookie }, 0)
+            .map_err(|e| Error::Map { name: CONFIG_MAP, message: e.to_string() })?;
+
+        let services: HashMap<MapData, ServiceKey, ServiceValue> = take(&mut ebpf, SERVICES_MAP)?;
+        let backends: HashMap<MapData, u32, Backend> = take(&mut ebpf, BACKENDS_MAP)?;
+        let maglev: HashMap<MapData, u32, MaglevTable> = take(&mut ebpf, MAGLEV_MAP)?;
+        let node_addrs: HashMap<MapData, NodeAddrKey, u32> = take(&mut ebpf, NODE_ADDRS_MAP)?;
+        let reverse_entries = take(&mut ebpf, REVERSE_MAP)?;
+        let counters = take(&mut ebpf, COUNTERS_MAP)?;
+
+        let mirror = read_state(&services, &backends, &maglev, &node_addrs)?;
+        info!(
+            frontends = mirror.services.keys().filter(|k| k.slot == 0).count(),
+            backends = mirror.backends.len(),
+            pin_dir = %opts.pin_dir.display(),
+            "eBPF data plane ready"
+        );
+        let ids = Ids::after(&mirror);
+        Ok(EbpfDataplane {
+            _ebpf: ebpf,
+            services,
+            backends,
+            maglev,
+            node_addrs,
+            reverse_entries,
+            counters,
+            mirror,
+            ids,
+            maglev_m: opts.maglev_m,
+        })
+    }
+
+    /// What the maps hold, as read at start-up and kept since.
+    pub fn state(&self) -> &MapState {
+        &self.mirror
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        let ignore_missing = |r: Result<(), MapError>| match r {
+            Err(MapError::SyscallError(SyscallError { io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+            other => other,
+        };
+        match op {
+            Op::PutNodeAddr(a) => self.node_addrs.insert(a, 1, 0),
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::PutSlot(k, v) => self.services.insert(k, v, 0),
+            Op::PutMaglev(id, t) => {
+                let mut table = Box::new(MaglevTable { m: t.len() as u32, table: [0; MAGLEV_MAX_TABLE], _pad: 0 });
+                let n = t.len().min(MAGLEV_MAX_TABLE);
+                table.table[..n].copy_from_slice(&t[..n]);
+                self.maglev.insert(id, &*table, 0)
+            }
+            Op::DelSlot(k) => ignore_missing(self.services.remove(k)),
+            Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
+            Op::DelMaglev(id) => ignore_missing(self.maglev.remove(id)),
+            Op::DelNodeAddr(a) => ignore_missing(self.node_addrs.remove(a)),
+        }
+    }
+
+    /// Applies changes in their safe order; a plan whose preparation failed keeps its
+    /// last committed state.
+    pub fn apply(&mut self, ch: &Changes) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut failed: HashSet<usize> = HashSet::new();
+        for stage in [&ch.prepare, &ch.commit, &ch.cleanup] {
+            for (plan, op) in stage {
+                if plan.is_some_and(|p| failed.contains(&p)) {
+                    continue;
+                }
+                match self.write(op) {
+                    Ok(()) => {
+                        plan::apply_to_mirror(&mut self.mirror, op);
+                        report.writes += 1;
+                    }
+                    Err(e) => {
+                        let map = map_of(op);
+                        let full = matches!(&e, MapError::SyscallError(SyscallError { io_error, .. })
+                            if matches!(io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)));
+                        let plan_name = plan.map(|p| ch.plans[p].to_string()).unwrap_or_default();
+                        if full {
+                            error!(map, plan = %plan_name, "map is full: the Service keeps its last state (raise the map size flag)");
+                            report.full_maps.push(map);
+                        } else {
+                            error!(map, plan = %plan_name, error = %e, "map write failed");
+                            report.errors += 1;
+                        }
+                        if let Some(p) = plan {
+                            if failed.insert(*p) {
+                                report.failed_plans.push(ch.plans[*p].clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        report
+    }
+}
+
+fn map_of(op: &Op) -> &'static str {
+    match op {
+        Op::PutNodeAddr(_) | Op::DelNodeAddr(_) => NODE_ADDRS_MAP,
+        Op::PutBackend(..) | Op::DelBackend(_) => BACKENDS_MAP,
+        Op::PutSlot(..) | Op::DelSlot(_) => SERVICES_MAP,
+        Op::PutMaglev(..) | Op::DelMaglev(_) => MAGLEV_MAP,
+    }
+}
+
+fn read_state(
+    services: &HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: &HashMap<MapData, u32, Backend>,
+    maglev: &HashMap<MapData, u32, MaglevTable>,
+    node_addrs: &HashMap<MapData, NodeAddrKey, u32>,
+) -> Result<MapState, Error> {
+    let err = |name: &'static str| move |e: MapError| Error::Map { name, message: e.to_string() };
+    let mut st = MapState::default();
+    for kv in services.iter() {
+        let (k, v) = kv.map_err(err(SERVICES_MAP))?;
+        st.services.insert(k, v);
+    }
+    for kv in backends.iter() {
+        let (k, v) = kv.map_err(err(BACKENDS_MAP))?;
+        st.backends.insert(k, v);
+    }
+    for kv in maglev.iter() {
+        let (k, v) = kv.map_err(err(MAGLEV_MAP))?;
+        let m = (v.m as usize).min(MAGLEV_MAX_TABLE);
+        st.maglev.insert(k, v.table[..m].to_vec());
+    }
+    for k in node_addrs.keys() {
+        st.node_addrs.insert(k.map_err(err(NODE_ADDRS_MAP))?);
+    }
+    Ok(st)
+}
+
+impl Dataplane for EbpfDataplane {
+    fn sync(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport {
+        let changes = plan::diff(&self.mirror, desired, node_addrs, self.maglev_m, &mut self.ids);
+        if changes.is_empty() {
+            return SyncReport::default();
+        }
+        debug!(prepare = changes.prepare.len(), commit = changes.commit.len(), cleanup = changes.cleanup.len(), "applying map changes");
+        self.apply(&changes)
+    }
+
+    fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (SERVICES_MAP, self.mirror.services.len()),
+            (BACKENDS_MAP, self.mirror.backends.len()),
+            (MAGLEV_MAP, self.mirror.maglev.len()),
+            (NODE_ADDRS_MAP, self.mirror.node_addrs.len()),
+        ]
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let names = [
+            (counter::TRANSLATED, "translated"),
+            (counter::REFUSED_NO_ENDPOINT, "refused_no_endpoint"),
+            (counter::AFFINITY_HIT, "affinity_hit"),
+            (counter::REVERSE_FULL, "reverse_map_insert_failed"),
+            (counter::SLOT_MISS, "slot_miss"),
+        ];
+        names
+            .iter()
+            .filter_map(|(i, n)| {
+                let v = self.counters.get(i, 0).ok()?;
+                Some((*n, v.iter().sum::<u64>()))
+            })
+            .collect()
+    }
+}
+
+impl EbpfDataplane {
+    /// Number of reverse-translation entries (sockets remembered), for the bench.
+    pub fn reverse_len(&self) -> usize {
+        self.reverse_entries.keys().count()
+    }
+}
+
+/// `--cleanup`: unpins every link (detaching the programs) and every map capstan made
+/// under `pin_dir`, then removes the directory. Missing pieces are fine.
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let links = links_dir(pin_dir);
+    for dir in [links.as_path(), pin_dir] {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+    }
+    for dir in [links.as_path(), pin_dir] {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(dir = %dir.display(), error = %e, "could not remove"),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,378 @@
+//! The eBPF reconciler's pure half: given what the maps hold ([`MapState`]) and the
+//! desired state, the ordered map operations that move one to the other ([`Changes`]).
+//!
+//! Order is what keeps clients safe while a Service changes:
+//! 1. **prepare**: new backends, then backend slots 1..n, then Maglev tables — nothing a
+//!    client can reach yet, or slots that still hold valid backends;
+//! 2. **commit**: slot 0 of each frontend (count, flags): one map update per frontend
+//!    switches it to the new backend set at once;
+//! 3. **cleanup**: slots past the new count, frontends that went away (slot 0 first),
+//!    backends and tables nobody references any more.
+//!
+//! Operations carry the plan they belong to so that the applier can skip a plan's commit
+//! and cleanup when one of its prepare steps failed (a full map): the frontend then keeps
+//! serving its last complete state.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use capstan_proxy_common::{
+    Backend, FAMILY_V4, FAMILY_V6, NodeAddrKey, ServiceKey, ServiceValue, flags,
+};
+
+use crate::model::{Algorithm, DesiredState, Family, Frontend, FrontendAddr, PlanKey, maglev};
+
+/// What the maps hold (or should hold): the agent keeps this mirror of the kernel's maps,
+/// read from them at start-up and updated with every successful write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: HashMap<ServiceKey, ServiceValue>,
+    pub backends: HashMap<u32, Backend>,
+    /// Maglev tables by service id (the table's length is its M).
+    pub maglev: HashMap<u32, Vec<u16>>,
+    pub node_addrs: BTreeSet<NodeAddrKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutNodeAddr(NodeAddrKey),
+    PutBackend(u32, Backend),
+    PutSlot(ServiceKey, ServiceValue),
+    PutMaglev(u32, Vec<u16>),
+    DelSlot(ServiceKey),
+    DelBackend(u32),
+    DelMaglev(u32),
+    DelNodeAddr(NodeAddrKey),
+}
+
+/// An operation and the plan (index into [`Changes::plans`]) it belongs to; `None` for
+/// operations that belong to no desired plan (removals of what is gone, node addresses).
+pub type Tagged = (Option<usize>, Op);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub plans: Vec<PlanKey>,
+    pub prepare: Vec<Tagged>,
+    pub commit: Vec<Tagged>,
+    pub cleanup: Vec<Tagged>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.prepare.is_empty() && self.commit.is_empty() && self.cleanup.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.prepare.len() + self.commit.len() + self.cleanup.len()
+    }
+}
+
+/// Hands out service and backend ids that are not in use.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    next_service: u32,
+    next_backend: u32,
+}
+
+impl Ids {
+    /// Continues after the highest ids the maps already use.
+    pub fn after(state: &MapState) -> Ids {
+        let max_svc = state.services.values().map(|v| v.service_id).max().unwrap_or(0);
+        let max_be = state.backends.keys().copied().max().unwrap_or(0);
+        Ids { next_service: max_svc + 1, next_backend: max_be + 1 }
+    }
+    fn service(&mut self) -> u32 {
+        let id = self.next_service.max(1);
+        self.next_service = id.wrapping_add(1);
+        id
+    }
+    fn backend(&mut self) -> u32 {
+        let id = self.next_backend.max(1);
+        self.next_backend = id.wrapping_add(1);
+        id
+    }
+}
+
+/// Words in network byte order, as the socket hooks see them.
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+/// The inverse of [`addr_words`].
+pub fn words_addr(addr: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from(addr[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+pub fn net_port(port: u16) -> u16 {
+    port.to_be()
+}
+
+pub fn host_port(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+pub fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
+    let (addr, family) = addr_words(ip);
+    NodeAddrKey { addr, family, _pad: [0; 3] }
+}
+
+/// Slot 0 key of a frontend.
+pub fn frontend_key(f: &Frontend) -> ServiceKey {
+    let (addr, family) = match f.addr {
+        FrontendAddr::Ip(ip) => addr_words(ip),
+        FrontendAddr::NodePort(Family::V4) => ([0; 4], FAMILY_V4),
+        FrontendAddr::NodePort(Family::V6) => ([0; 4], FAMILY_V6),
+    };
+    ServiceKey { addr, port: net_port(f.port), proto: f.protocol.number(), family, slot: 0, _pad: 0 }
+}
+
+pub fn backend_value(addr: SocketAddr, proto: u8) -> Backend {
+    let (words, family) = addr_words(addr.ip());
+    Backend { addr: words, port: net_port(addr.port()), proto, family }
+}
+
+fn slot_key(k: &ServiceKey, slot: u16) -> ServiceKey {
+    ServiceKey { slot, ..*k }
+}
+
+/// The slots 1..=count of a frontend as the maps hold them (missing slots as 0).
+fn current_slots(state: &MapState, key: &ServiceKey) -> Vec<u32> {
+    let Some(head) = state.services.get(key) else { return Vec::new() };
+    (1..=head.count)
+        .map(|s| state.services.get(&slot_key(key, s)).map(|v| v.backend_id).unwrap_or(0))
+        .collect()
+}
+
+/// Keeps backends in the slots they already hold, moves the ones beyond the new count
+/// into the holes left by removed backends, and puts new backends in what remains, so an
+/// endpoint change rewrites only the slots it must.
+fn assign_slots(current: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let want: HashSet<u32> = wanted.iter().copied().collect();
+    let n = wanted.len();
+    let mut out: Vec<u32> = current.iter().take(n).map(|id| if want.contains(id) { *id } else { 0 }).collect();
+    out.resize(n, 0);
+    let placed: HashSet<u32> = out.iter().copied().filter(|id| *id != 0).collect();
+    let mut pending = wanted.iter().copied().filter(|id| !placed.contains(id));
+    for s in out.iter_mut() {
+        if *s == 0 {
+            *s = pending.next().unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Computes the operations that turn `current` into `desired`.
+pub fn diff(
+    current: &MapState,
+    desired: &DesiredState,
+    node_addrs: &BTreeSet<IpAddr>,
+    maglev_m: u32,
+    ids: &mut Ids,
+) -> Changes {
+    let mut ch = Changes::default();
+
+    let want_addrs: BTreeSet<NodeAddrKey> = node_addrs.iter().map(|ip| node_addr_key(*ip)).collect();
+    for a in want_addrs.difference(&current.node_addrs) {
+        ch.prepare.push((None, Op::PutNodeAddr(*a)));
+    }
+
+    // The backends each service id reaches today, by address.
+    let mut service_backends: HashMap<u32, HashMap<Backend, u32>> = HashMap::new();
+    let mut backend_service: HashMap<u32, u32> = HashMap::new();
+    for (k, v) in &current.services {
+        if k.slot != 0 {
+            backend_service.insert(v.backend_id, v.service_id);
+            if let Some(b) = current.backends.get(&v.backend_id) {
+                service_backends.entry(v.service_id).or_default().insert(*b, v.backend_id);
+            }
+        }
+    }
+    let mut plan_of_service: HashMap<u32, usize> = HashMap::new();
+
+    let mut claimed_services: HashSet<u32> = HashSet::new();
+    let mut wanted_frontends: HashSet<ServiceKey> = HashSet::new();
+    let mut kept_backends: HashSet<u32> = HashSet::new();
+    let mut kept_maglev: HashSet<u32> = HashSet::new();
+
+    for (key, plan) in &desired.plans {
+        let idx = ch.plans.len();
+        ch.plans.push(key.clone());
+        let proto = key.protocol.number();
+        let fkeys: Vec<ServiceKey> = plan.frontends.iter().map(frontend_key).collect();
+        wanted_frontends.extend(fkeys.iter().copied());
+
+        // Reuse the service id most of its frontends already carry.
+        let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+        for fk in &fkeys {
+            if let Some(v) = current.services.get(fk) {
+                if !claimed_services.contains(&v.service_id) {
+                    *votes.entry(v.service_id).or_default() += 1;
+                }
+            }
+        }
+        let service_id = votes
+            .iter()
+            .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+            .unwrap_or_else(|| ids.service());
+        claimed_services.insert(service_id);
+        plan_of_service.insert(service_id, idx);
+
+        // Backend ids: reuse by address within this service, allocate the rest.
+        let known = service_backends.get(&service_id);
+        let mut wanted_ids = Vec::with_capacity(plan.backends.len());
+        for addr in &plan.backends {
+            let b = backend_value(*addr, proto);
+            let id = match known.and_then(|m| m.get(&b)) {
+                Some(id) if current.backends.get(id) == Some(&b) => *id,
+                _ => {
+                    let id = ids.backend();
+                    ch.prepare.push((Some(idx), Op::PutBackend(id, b)));
+                    id
+                }
+            };
+            kept_backends.insert(id);
+            wanted_ids.push(id);
+        }
+
+        // One slot layout for the plan, anchored on the frontend that has most in place.
+        let wanted_set: HashSet<u32> = wanted_ids.iter().copied().collect();
+        let anchor = fkeys
+            .iter()
+            .map(|fk| current_slots(current, fk))
+            .max_by_key(|s| s.iter().filter(|id| wanted_set.contains(id)).count())
+            .unwrap_or_default();
+        let slots = assign_slots(&anchor, &wanted_ids);
+
+        let maglev_on = plan.algorithm == Algorithm::Maglev && !slots.is_empty();
+        let mut fl = 0u16;
+        if plan.affinity_timeout.is_some() {
+            fl |= flags::AFFINITY;
+        }
+        if maglev_on {
+            fl |= flags::MAGLEV;
+            let index: HashMap<u32, usize> = wanted_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+            let names: Vec<String> = slots.iter().map(|id| plan.backends[index[id]].to_string()).collect();
+            let table = maglev::table(&names, maglev_m);
+            if current.maglev.get(&service_id) != Some(&table) {
+                ch.prepare.push((Some(idx), Op::PutMaglev(service_id, table)));
+            }
+            kept_maglev.insert(service_id);
+        }
+
+        for fk in &fkeys {
+            let mut f = fl;
+            if fk.addr == [0; 4] {
+                f |= flags::NODEPORT;
+            }
+            let head = ServiceValue {
+                backend_id: 0,
+                count: slots.len() as u16,
+                flags: f,
+                service_id,
+                affinity_timeout: plan.affinity_timeout.unwrap_or(0),
+            };
+            let old_head = current.services.get(fk);
+            for (i, id) in slots.iter().enumerate() {
+                let sk = slot_key(fk, (i + 1) as u16);
+                let v = ServiceValue { backend_id: *id, service_id, ..Default::default() };
+                if current.services.get(&sk) != Some(&v) {
+                    ch.prepare.push((Some(idx), Op::PutSlot(sk, v)));
+                }
+            }
+            if old_head != Some(&head) {
+                ch.commit.push((Some(idx), Op::PutSlot(*fk, head)));
+            }
+            // Slots past the new count: whatever of them the maps hold.
+            let old_count = old_head.map(|h| h.count).unwrap_or(0).max(slots.len() as u16);
+            for s in (slots.len() as u16 + 1)..=old_count {
+                let sk = slot_key(fk, s);
+                if current.services.contains_key(&sk) {
+                    ch.cleanup.push((Some(idx), Op::DelSlot(sk)));
+                }
+            }
+        }
+    }
+
+    // Frontends that are no longer wanted: slot 0 first, then their slots.
+    let mut gone: Vec<&ServiceKey> = current
+        .services
+        .keys()
+        .filter(|k| k.slot == 0 && !wanted_frontends.contains(k))
+        .collect();
+    gone.sort();
+    for k in gone {
+        ch.cleanup.push((None, Op::DelSlot(*k)));
+    }
+    let mut stray: Vec<&ServiceKey> = current
+        .services
+        .keys()
+        .filter(|k| k.slot != 0 && !wanted_frontends.contains(&slot_key(k, 0)))
+        .collect();
+    stray.sort();
+    for k in stray {
+        ch.cleanup.push((None, Op::DelSlot(*k)));
+    }
+    let mut old_backends: Vec<u32> = current.backends.keys().copied().filter(|id| !kept_backends.contains(id)).collect();
+    old_backends.sort();
+    for id in old_backends {
+        // Tied to the plan still using it, so that it stays while that plan's commit fails.
+        let owner = backend_service.get(&id).and_then(|s| plan_of_service.get(s)).copied();
+        ch.cleanup.push((owner, Op::DelBackend(id)));
+    }
+    let mut old_tables: Vec<u32> = current.maglev.keys().copied().filter(|id| !kept_maglev.contains(id)).collect();
+    old_tables.sort();
+    for id in old_tables {
+        ch.cleanup.push((None, Op::DelMaglev(id)));
+    }
+    for a in current.node_addrs.difference(&want_addrs) {
+        ch.cleanup.push((None, Op::DelNodeAddr(*a)));
+    }
+    ch
+}
+
+/// Applies `op` to a mirror (after the kernel accepted it).
+pub fn apply_to_mirror(state: &mut MapState, op: &Op) {
+    match op {
+        Op::PutNodeAddr(a) => {
+            state.node_addrs.insert(*a);
+        }
+        Op::PutBackend(id, b) => {
+            state.backends.insert(*id, *b);
+        }
+        Op::PutSlot(k, v) => {
+            state.services.insert(*k, *v);
+        }
+        Op::PutMaglev(id, t) => {
+            state.maglev.insert(*id, t.clone());
+        }
+        Op::DelSlot(k) => {
+            state.services.remove(k);
+        }
+        Op::DelBackend(id) => {
+            state.backends.remove(id);
+        }
+        Op::DelMaglev(id) => {
+            state.maglev.remove(id);
+        }
+        Op::DelNodeAddr(a) => {
+            state.node_addrs.remove(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,278 @@
+//! `--manifests DIR`: Services, EndpointSlices and Nodes from YAML or JSON files, re-read
+//! when the directory changes. A file that does not parse or holds an invalid object is
+//! rejected whole with a log line and its last good content keeps serving.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tracing::{debug, error, info, warn};
+
+use super::{Sender, Update, trigger_time};
+use crate::model::{self, Snapshot};
+
+/// One object from a manifest file.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+impl Object {
+    fn id(&self) -> (&'static str, String, String) {
+        let (kind, meta) = match self {
+            Object::Service(s) => ("Service", &s.metadata),
+            Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
+            Object::Node(n) => ("Node", &n.metadata),
+        };
+        (kind, meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+    }
+}
+
+/// Parses and validates one file's text. Unknown kinds are skipped; anything malformed
+/// fails the whole file.
+pub fn parse(text: &str) -> Result<Vec<Object>, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+    }
+    Ok(out)
+}
+
+fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).ok_or("no kind")?.to_string();
+    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("").to_string();
+    let obj = match kind.as_str() {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            for item in items {
+                collect(item, out)?;
+            }
+            return Ok(());
+        }
+        "Service" => {
+            let mut s: Service = serde_yaml::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
+            s.metadata.namespace.get_or_insert_with(|| "default".into());
+            model::validate_service(&s).map_err(|e| format!("Service {name}: {e}"))?;
+            Object::Service(Box::new(s))
+        }
+        "EndpointSlice" => {
+            let mut s: EndpointSlice = serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
+            s.metadata.namespace.get_or_insert_with(|| "default".into());
+            model::validate_endpoint_slice(&s).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
+            Object::EndpointSlice(Box::new(s))
+        }
+        "Node" => Object::Node(Box::new(serde_yaml::from_value(value).map_err(|e| format!("Node {name}: {e}"))?)),
+        other => {
+            debug!(kind = other, name, "ignoring object of a kind capstan-proxy does not use");
+            return Ok(());
+        }
+    };
+    if name.is_empty() {
+        return Err(format!("{kind} without metadata.name"));
+    }
+    out.push(obj);
+    Ok(())
+}
+
+struct FileState {
+    stamp: (SystemTime, u64),
+    objects: Vec<Object>,
+}
+
+/// A manifest directory and the last good content of each file in it.
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestDir { dir: dir.into(), files: BTreeMap::new() }
+    }
+
+    /// Re-reads files that changed. Returns whether anything changed.
+    pub fn refresh(&mut self) -> std::io::Result<bool> {
+        let mut present = BTreeSet::new();
+        let mut changed = false;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            present.insert(path.clone());
+            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    error!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good content");
+                    continue;
+                }
+            };
+            match parse(&text) {
+                Ok(objects) => {
+                    debug!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    self.files.insert(path, FileState { stamp, objects });
+                    changed = true;
+                }
+                Err(e) => {
+                    error!(file = %path.display(), error = %e, "invalid manifest; keeping its last good content");
+                    // Remember the stamp so the same broken file is not reported again.
+                    let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+                    self.files.insert(path, FileState { stamp, objects });
+                }
+            }
+        }
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains(p));
+        Ok(changed || before != self.files.len())
+    }
+
+    /// Everything the directory holds. The first of two objects with the same kind,
+    /// namespace and name wins (files in name order).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut seen = BTreeSet::new();
+        let mut snap = Snapshot::default();
+        for (path, file) in &self.files {
+            for obj in &file.objects {
+                let id = obj.id();
+                if !seen.insert(id.clone()) {
+                    warn!(file = %path.display(), kind = id.0, namespace = %id.1, name = %id.2, "duplicate object ignored");
+                    continue;
+                }
+                match obj {
+                    Object::Service(s) => snap.services.push((**s).clone()),
+                    Object::EndpointSlice(s) => snap.endpoint_slices.push((**s).clone()),
+                    Object::Node(n) => snap.nodes.push((**n).clone()),
+                }
+            }
+        }
+        snap
+    }
+}
+
+/// Watches `dir` and publishes a snapshot whenever its content changes (inotify, with a
+/// periodic re-scan as a safety net).
+pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
+    let mut md = ManifestDir::new(&dir);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = ev_tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    info!(dir = %dir.display(), "watching manifests");
+    let mut first = true;
+    let mut rescan = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        match md.refresh() {
+            Ok(changed) if changed || first => {
+                first = false;
+                let snapshot = md.snapshot();
+                let update = Update { trigger_time: trigger_time(&snapshot), snapshot: Arc::new(snapshot), observed_at: Instant::now() };
+                if tx.send(Some(update)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => error!(dir = %dir.display(), error = %e, "cannot read the manifest directory; keeping the last state"),
+        }
+        tokio::select! {
+            Some(()) = ev_rx.recv() => {
+                // Coalesce a burst of events (an editor writing a file in steps).
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                while ev_rx.try_recv().is_ok() {}
+            }
+            _ = rescan.tick() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: ["10.0.0.1"]
+"#;
+
+    #[test]
+    fn parses_multi_document_yaml_and_json() {
+        let objs = parse(SVC).unwrap();
+        assert_eq!(objs.len(), 2);
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.96.0.11","ports":[{"port":53,"protocol":"UDP"}]}}]}"#;
+        assert_eq!(parse(json).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_reason() {
+        for (bad, why) in [
+            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}", "invalid clusterIP"),
+            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 70000}]}", "out of range"),
+            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {ports: [{port: [1]}]}", "Service x"),
+            ("{{{", "document 1"),
+            ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]", "not an IPv4"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_file_keeps_last_good_content_and_duplicates_resolve() {
+        let dir = std::env::temp_dir().join(format!("capstan-manifests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("b.yaml"), SVC).unwrap();
+        let mut md = ManifestDir::new(&dir);
+        assert!(md.refresh().unwrap());
+        let s = md.snapshot();
+        assert_eq!((s.services.len(), s.endpoint_slices.len()), (1, 1));
+        std::fs::write(dir.join("a.yaml"), "kind: Service\nnot: [valid").unwrap();
+        md.refresh().unwrap();
+        assert_eq!(md.snapshot().services.len(), 1);
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert!(md.refresh().unwrap());
+        assert!(md.snapshot().services.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
