@@ -48,7 +48,14 @@ pub fn lookup_frontend(
     proto: u8,
     netns_cookie: impl FnOnce() -> u64,
 ) -> Option<(ServiceKey, ServiceValue)> {
-    let mut key = ServiceKey { addr: dst.addr, port, proto, family: dst.family, slot: 0, _pad: 0 };
+    let mut key = ServiceKey {
+        addr: dst.addr,
+        port,
+        proto,
+        family: dst.family,
+        slot: 0,
+        _pad: 0,
+    };
     if let Some(v) = SERVICES.get_ptr(&key) {
         return Some((key, unsafe { *v }));
     }
@@ -61,7 +68,11 @@ pub fn lookup_frontend(
             return None;
         }
     }
-    let nk = NodeAddrKey { addr: dst.addr, family: dst.family, _pad: [0; 3] };
+    let nk = NodeAddrKey {
+        addr: dst.addr,
+        family: dst.family,
+        _pad: [0; 3],
+    };
     NODE_ADDRS.get_ptr(&nk)?;
     key.addr = [0; 4];
     let v = SERVICES.get_ptr(&key)?;
@@ -119,7 +130,11 @@ pub fn select(key: &ServiceKey, svc: &ServiceValue, client: &Client) -> Verdict 
         return Verdict::Refuse;
     }
     let affinity = svc.flags & flags::AFFINITY != 0;
-    let akey = AffinityKey { netns_cookie: client.netns_cookie, service_id: svc.service_id, _pad: 0 };
+    let akey = AffinityKey {
+        netns_cookie: client.netns_cookie,
+        service_id: svc.service_id,
+        _pad: 0,
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     if affinity {
         if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
@@ -148,7 +163,11 @@ pub fn select(key: &ServiceKey, svc: &ServiceValue, client: &Client) -> Verdict 
         }
     };
     if affinity {
-        let v = AffinityValue { backend_id: chosen.0, _pad: 0, last_used_ns: now };
+        let v = AffinityValue {
+            backend_id: chosen.0,
+            _pad: 0,
+            last_used_ns: now,
+        };
         let _ = AFFINITY.insert(&akey, &v, 0);
     }
     count(counter::TRANSLATED);
@@ -158,8 +177,20 @@ pub fn select(key: &ServiceKey, svc: &ServiceValue, client: &Client) -> Verdict 
 /// Remembers which frontend a socket addressed, for recvmsg and getpeername.
 #[inline(always)]
 pub fn remember(cookie: u64, backend: &Backend, frontend: &Addr, port: u16, service_id: u32) {
-    let k = ReverseKey { cookie, addr: backend.addr, port: backend.port, family: backend.family, _pad: [0; 5] };
-    let v = ReverseValue { addr: frontend.addr, port, family: frontend.family, _pad: 0, service_id };
+    let k = ReverseKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        family: backend.family,
+        _pad: [0; 5],
+    };
+    let v = ReverseValue {
+        addr: frontend.addr,
+        port,
+        family: frontend.family,
+        _pad: 0,
+        service_id,
+    };
     if REVERSE.insert(&k, &v, 0).is_err() {
         count(counter::REVERSE_FULL);
     }
@@ -168,6 +199,12 @@ pub fn remember(cookie: u64, backend: &Backend, frontend: &Addr, port: u16, serv
 /// The frontend a socket's peer stands for, if the peer is a backend it was sent to.
 #[inline(always)]
 pub fn recall(cookie: u64, peer: &Addr, port: u16) -> Option<ReverseValue> {
-    let k = ReverseKey { cookie, addr: peer.addr, port, family: peer.family, _pad: [0; 5] };
+    let k = ReverseKey {
+        cookie,
+        addr: peer.addr,
+        port,
+        family: peer.family,
+        _pad: [0; 5],
+    };
     REVERSE.get_ptr(&k).map(|v| unsafe { *v })
 }

@@ -34,13 +34,36 @@ fn user_dst(ctx: &SockAddrContext, v6: bool) -> (Addr, bool) {
     let sa = ctx.sock_addr;
     unsafe {
         if !v6 {
-            return (Addr { addr: [(*sa).user_ip4, 0, 0, 0], family: FAMILY_V4 }, false);
+            return (
+                Addr {
+                    addr: [(*sa).user_ip4, 0, 0, 0],
+                    family: FAMILY_V4,
+                },
+                false,
+            );
         }
-        let a = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]];
+        let a = [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ];
         if a[0] == 0 && a[1] == 0 && a[2] == v4_mapped_prefix() {
-            (Addr { addr: [a[3], 0, 0, 0], family: FAMILY_V4 }, true)
+            (
+                Addr {
+                    addr: [a[3], 0, 0, 0],
+                    family: FAMILY_V4,
+                },
+                true,
+            )
         } else {
-            (Addr { addr: a, family: FAMILY_V6 }, false)
+            (
+                Addr {
+                    addr: a,
+                    family: FAMILY_V6,
+                },
+                false,
+            )
         }
     }
 }

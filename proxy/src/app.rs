@@ -30,7 +30,9 @@ struct Syncer<D: Dataplane> {
 
 impl<D: Dataplane> Syncer<D> {
     fn sync(&mut self) {
-        let Some(update) = self.latest.clone() else { return };
+        let Some(update) = self.latest.clone() else {
+            return;
+        };
         let start = Instant::now();
         let desired = model::desired_state(&update.snapshot, &self.ctx);
         let report = tokio::task::block_in_place(|| self.dp.sync(&desired, &self.addrs));
@@ -42,7 +44,10 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.metrics.map_errors.inc_by(report.errors as u64);
         for (map, n) in self.dp.map_entries() {
-            self.metrics.map_entries.with_label_values(&[map]).set(n as i64);
+            self.metrics
+                .map_entries
+                .with_label_values(&[map])
+                .set(n as i64);
         }
         self.metrics.services.set(desired.frontend_count() as i64);
         self.metrics.endpoints.set(desired.backend_count() as i64);
@@ -52,14 +57,22 @@ impl<D: Dataplane> Syncer<D> {
                 Some(t) => SystemTime::now().duration_since(t).unwrap_or_default(),
                 None => update.observed_at.elapsed(),
             };
-            self.metrics.network_programming.observe(latency.as_secs_f64());
+            self.metrics
+                .network_programming
+                .observe(latency.as_secs_f64());
         }
         if report.failed_plans.is_empty() && report.errors == 0 {
-            self.metrics.last_sync.set(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+            self.metrics.last_sync.set(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
+            );
             self.health.updated();
         }
         let eligible = !update.snapshot.nodes.iter().any(|n| {
-            n.metadata.name.as_deref() == Some(self.ctx.node_name.as_str()) && n.metadata.deletion_timestamp.is_some()
+            n.metadata.name.as_deref() == Some(self.ctx.node_name.as_str())
+                && n.metadata.deletion_timestamp.is_some()
         });
         self.health.set_node_eligible(eligible);
         self.last_full = Instant::now();
@@ -78,7 +91,10 @@ impl<D: Dataplane> Syncer<D> {
 
     fn refresh_counters(&self) {
         for (name, v) in self.dp.counters() {
-            self.metrics.datapath.with_label_values(&[name]).set(v as i64);
+            self.metrics
+                .datapath
+                .with_label_values(&[name])
+                .set(v as i64);
         }
     }
 }
@@ -120,7 +136,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::watch::channel(None);
     let mut source_task = match settings.source.clone() {
         SourceKind::Manifests(dir) => tokio::spawn(source::manifests::run(dir, tx)),
-        SourceKind::Api(conn) => tokio::spawn(source::kube::run(conn, settings.node_name.clone(), tx)),
+        SourceKind::Api(conn) => {
+            tokio::spawn(source::kube::run(conn, settings.node_name.clone(), tx))
+        }
     };
 
     let mut syncer = Syncer {
@@ -134,7 +152,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         health,
         latest: None,
         pending: false,
-        addrs: node::nodeport_addresses(&settings.nodeport_cidrs).context("reading node addresses")?,
+        addrs: node::nodeport_addresses(&settings.nodeport_cidrs)
+            .context("reading node addresses")?,
         last_full: Instant::now(),
     };
 

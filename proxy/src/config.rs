@@ -166,7 +166,10 @@ pub fn parse_nodeport_cidrs(values: &[String]) -> Result<Vec<IpNet>, String> {
         if v == "primary" {
             continue;
         }
-        out.push(v.parse::<IpNet>().map_err(|_| format!("invalid --nodeport-addresses CIDR {v:?}"))?);
+        out.push(
+            v.parse::<IpNet>()
+                .map_err(|_| format!("invalid --nodeport-addresses CIDR {v:?}"))?,
+        );
     }
     Ok(out)
 }
@@ -176,10 +179,15 @@ impl Flags {
     pub fn settings(&self) -> Result<Settings, String> {
         let file: serde_json::Value = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
-                let v: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--config {}: {e}", path.display()))?;
+                let v: serde_json::Value = serde_yaml::from_str(&text)
+                    .map_err(|e| format!("--config {}: {e}", path.display()))?;
                 if v.get("kind").and_then(|k| k.as_str()) != Some("KubeProxyConfiguration") {
-                    return Err(format!("--config {}: kind is not KubeProxyConfiguration", path.display()));
+                    return Err(format!(
+                        "--config {}: kind is not KubeProxyConfiguration",
+                        path.display()
+                    ));
                 }
                 if let Some(obj) = v.as_object() {
                     for key in obj.keys().filter(|k| !HONOURED.contains(&k.as_str())) {
@@ -194,10 +202,17 @@ impl Flags {
 
         if let Some(mode) = s("mode").filter(|m| !m.is_empty()) {
             if mode != "ebpf" && self.proxy_mode.is_none() {
-                return Err(format!("proxy mode {mode:?} is not available yet; use ebpf"));
+                return Err(format!(
+                    "proxy mode {mode:?} is not available yet; use ebpf"
+                ));
             }
         }
-        let node_name = match self.hostname_override.clone().or_else(|| s("hostnameOverride")).filter(|h| !h.is_empty()) {
+        let node_name = match self
+            .hostname_override
+            .clone()
+            .or_else(|| s("hostnameOverride"))
+            .filter(|h| !h.is_empty())
+        {
             Some(h) => h,
             None => nix::unistd::gethostname()
                 .map_err(|e| format!("hostname: {e}"))?
@@ -208,8 +223,16 @@ impl Flags {
 
         let mut cluster_cidrs = self.cluster_cidr.clone();
         if cluster_cidrs.is_empty() {
-            for c in s("clusterCIDR").unwrap_or_default().split(',').filter(|c| !c.is_empty()) {
-                cluster_cidrs.push(c.trim().parse().map_err(|_| format!("invalid clusterCIDR {c:?}"))?);
+            for c in s("clusterCIDR")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|c| !c.is_empty())
+            {
+                cluster_cidrs.push(
+                    c.trim()
+                        .parse()
+                        .map_err(|_| format!("invalid clusterCIDR {c:?}"))?,
+                );
             }
         }
         let np_values: Vec<String> = if !self.nodeport_addresses.is_empty() {
@@ -217,7 +240,11 @@ impl Flags {
         } else {
             file.get("nodePortAddresses")
                 .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let nodeport_cidrs = parse_nodeport_cidrs(&np_values)?;
@@ -242,7 +269,11 @@ impl Flags {
             (None, None) => Duration::from_secs(30),
         };
         let kubeconfig = self.kubeconfig.clone().or_else(|| {
-            file.get("clientConnection")?.get("kubeconfig")?.as_str().filter(|s| !s.is_empty()).map(PathBuf::from)
+            file.get("clientConnection")?
+                .get("kubeconfig")?
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
         });
         let source = match &self.manifests {
             Some(dir) => {
@@ -251,11 +282,20 @@ impl Flags {
                 }
                 SourceKind::Manifests(dir.clone())
             }
-            None => SourceKind::Api(crate::source::kube::Connection { kubeconfig, master: self.master.clone() }),
+            None => SourceKind::Api(crate::source::kube::Connection {
+                kubeconfig,
+                master: self.master.clone(),
+            }),
         };
         let m = self.maglev_table_size;
-        if !crate::model::maglev::is_prime(m) || m as usize > capstan_proxy_common::MAGLEV_MAX_TABLE || m < 7 {
-            return Err(format!("--maglev-table-size {m}: must be a prime between 7 and {}", capstan_proxy_common::MAGLEV_MAX_TABLE));
+        if !crate::model::maglev::is_prime(m)
+            || m as usize > capstan_proxy_common::MAGLEV_MAX_TABLE
+            || m < 7
+        {
+            return Err(format!(
+                "--maglev-table-size {m}: must be a prime between 7 and {}",
+                capstan_proxy_common::MAGLEV_MAX_TABLE
+            ));
         }
         for (name, v) in [
             ("--bpf-lb-service-map-max", self.bpf_lb_service_map_max),
@@ -269,7 +309,10 @@ impl Flags {
             }
         }
         if self.bpffs_dir.parent().is_none() || !self.bpffs_dir.is_absolute() {
-            return Err(format!("--bpffs-dir {}: must be an absolute path below a bpffs", self.bpffs_dir.display()));
+            return Err(format!(
+                "--bpffs-dir {}: must be an absolute path below a bpffs",
+                self.bpffs_dir.display()
+            ));
         }
         Ok(Settings {
             source,
@@ -318,20 +361,42 @@ mod tests {
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhostnameOverride: node-a\nclusterCIDR: 10.244.0.0/16,fd00:244::/56\nhealthzBindAddress: 0.0.0.0:10266\nmetricsBindAddress: 127.0.0.1\nsyncPeriod: 15s\nnodePortAddresses: [192.168.0.0/16]\niptables: {masqueradeAll: true}\n",
         )
         .unwrap();
-        let s = flags(&["--config", cfg.to_str().unwrap(), "--manifests", dir.to_str().unwrap(), "--hostname-override", "Node-B"]).settings().unwrap();
+        let s = flags(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--hostname-override",
+            "Node-B",
+        ])
+        .settings()
+        .unwrap();
         assert_eq!(s.node_name, "node-b");
         assert_eq!(s.cluster_cidrs.len(), 2);
         assert_eq!(s.healthz, Some("0.0.0.0:10266".parse().unwrap()));
         assert_eq!(s.metrics, Some("127.0.0.1:10249".parse().unwrap()));
         assert_eq!(s.sync_period, Duration::from_secs(15));
-        assert_eq!(s.nodeport_cidrs, vec!["192.168.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            s.nodeport_cidrs,
+            vec!["192.168.0.0/16".parse::<IpNet>().unwrap()]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn bad_values_are_clear_errors() {
-        assert!(flags(&["--manifests", "/nonexistent-capstan"]).settings().unwrap_err().contains("not a directory"));
-        assert!(flags(&["--maglev-table-size", "16383"]).settings().unwrap_err().contains("prime"));
+        assert!(
+            flags(&["--manifests", "/nonexistent-capstan"])
+                .settings()
+                .unwrap_err()
+                .contains("not a directory")
+        );
+        assert!(
+            flags(&["--maglev-table-size", "16383"])
+                .settings()
+                .unwrap_err()
+                .contains("prime")
+        );
         assert!(parse_nodeport_cidrs(&["10.0.0.0/33".into()]).is_err());
         assert!(Flags::try_parse_from(["capstan-proxy", "--proxy-mode", "iptables"]).is_err());
     }

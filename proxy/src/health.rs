@@ -36,7 +36,10 @@ fn rfc3339(t: Option<SystemTime>) -> String {
 impl Health {
     pub fn new(sync_period: Duration) -> Health {
         Health {
-            state: Arc::new(Mutex::new(State { node_eligible: true, ..Default::default() })),
+            state: Arc::new(Mutex::new(State {
+                node_eligible: true,
+                ..Default::default()
+            })),
             timeout: sync_period * 2,
         }
     }
@@ -70,22 +73,51 @@ impl Health {
             Some(q) => now.duration_since(q).unwrap_or_default() <= self.timeout,
             None => true,
         };
-        (healthy, rfc3339(s.last_updated), rfc3339(Some(now)), s.node_eligible)
+        (
+            healthy,
+            rfc3339(s.last_updated),
+            rfc3339(Some(now)),
+            s.node_eligible,
+        )
     }
 }
 
 async fn healthz(health: Health) -> impl IntoResponse {
     let (healthy, last, now, eligible) = health.status();
-    let code = if healthy && eligible { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": {eligible}}}"#);
-    (code, [(header::CONTENT_TYPE, "application/json"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], body)
+    let code = if healthy && eligible {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = format!(
+        r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": {eligible}}}"#
+    );
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
 }
 
 async fn livez(health: Health) -> impl IntoResponse {
     let (healthy, last, now, _) = health.status();
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#);
-    (code, [(header::CONTENT_TYPE, "application/json"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], body)
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
 }
 
 /// Serves /healthz and /livez until the task is dropped.
@@ -99,13 +131,22 @@ pub async fn serve_health(addr: SocketAddr, health: Health) -> std::io::Result<(
 }
 
 /// Serves /metrics (and /healthz, as kube-proxy's metrics port does) until dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>, health: Health) -> std::io::Result<()> {
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Health,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route(
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
             }),
         )
         .route("/healthz", get(move || healthz(health.clone())));

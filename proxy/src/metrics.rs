@@ -1,5 +1,8 @@
 //! Prometheus metrics, with kube-proxy's names where capstan does the same job.
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -24,7 +27,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let sync_duration = Histogram::with_opts(
-            HistogramOpts::new("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds").buckets(buckets()),
+            HistogramOpts::new(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+            )
+            .buckets(buckets()),
         )
         .expect("metric");
         let network_programming = Histogram::with_opts(
@@ -40,16 +47,34 @@ impl Metrics {
             "The last time proxy rules were successfully synced",
         )
         .expect("metric");
-        let sync_total = IntCounter::new("capstan_sync_total", "Syncs of the data path").expect("metric");
+        let sync_total =
+            IntCounter::new("capstan_sync_total", "Syncs of the data path").expect("metric");
         let map_full = IntCounterVec::new(
-            Opts::new("capstan_bpf_map_full_errors_total", "Map writes refused because the map was full"),
+            Opts::new(
+                "capstan_bpf_map_full_errors_total",
+                "Map writes refused because the map was full",
+            ),
             &["map"],
         )
         .expect("metric");
-        let map_errors = IntCounter::new("capstan_bpf_map_errors_total", "Map writes that failed for another reason").expect("metric");
-        let map_entries = IntGaugeVec::new(Opts::new("capstan_bpf_map_entries", "Entries the agent keeps in each map"), &["map"]).expect("metric");
+        let map_errors = IntCounter::new(
+            "capstan_bpf_map_errors_total",
+            "Map writes that failed for another reason",
+        )
+        .expect("metric");
+        let map_entries = IntGaugeVec::new(
+            Opts::new(
+                "capstan_bpf_map_entries",
+                "Entries the agent keeps in each map",
+            ),
+            &["map"],
+        )
+        .expect("metric");
         let datapath = IntGaugeVec::new(
-            Opts::new("capstan_datapath_events_total", "Socket-level events counted by the eBPF programs"),
+            Opts::new(
+                "capstan_datapath_events_total",
+                "Socket-level events counted by the eBPF programs",
+            ),
             &["event"],
         )
         .expect("metric");
@@ -69,7 +94,19 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric names");
         }
-        Metrics { registry, sync_duration, network_programming, last_sync, sync_total, map_full, map_errors, map_entries, datapath, services, endpoints }
+        Metrics {
+            registry,
+            sync_duration,
+            network_programming,
+            last_sync,
+            sync_total,
+            map_full,
+            map_errors,
+            map_entries,
+            datapath,
+            services,
+            endpoints,
+        }
     }
 
     /// The Prometheus text exposition.

@@ -29,8 +29,14 @@ pub fn cgroup2_root() -> io::Result<PathBuf> {
     }
     let p = Path::new("/run/capstan/cgroupv2");
     std::fs::create_dir_all(p)?;
-    nix::mount::mount(Some("cgroup2"), p, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(io::Error::from)?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        p,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)?;
     info!(path = %p.display(), "mounted cgroup2");
     Ok(p.to_path_buf())
 }
@@ -65,7 +71,10 @@ pub fn nodeport_addresses(cidrs: &[IpNet]) -> io::Result<BTreeSet<IpAddr>> {
         }
     }
     // Localhost NodePorts, as kube-proxy allows them.
-    for lo in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+    for lo in [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ] {
         if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(&lo)) {
             out.insert(lo);
         }
@@ -82,8 +91,14 @@ mod tests {
         let mi = "25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
                   35 34 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate\n\
                   36 34 0:31 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,name=systemd\n";
-        assert_eq!(find_cgroup2(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_cgroup2("25 30 0:23 / /sys rw - sysfs sysfs rw\n"), None);
+        assert_eq!(
+            find_cgroup2(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
     }
 
     #[test]

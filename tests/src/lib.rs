@@ -160,13 +160,20 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn mountinfo() -> Result<Vec<MountEntry>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mut out = Vec::new();
     for line in text.lines() {
         // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let Some(mp) = left.split(' ').nth(4) else { continue };
-        let Some(fs_type) = right.split(' ').next() else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let Some(fs_type) = right.split(' ').next() else {
+            continue;
+        };
         out.push(MountEntry {
             mount_point: PathBuf::from(unescape_mountinfo(mp)),
             fs_type: fs_type.to_string(),
@@ -240,12 +247,12 @@ fn bin_candidates(name: &str) -> Vec<PathBuf> {
         dirs.push(PathBuf::from(d));
     }
     // Test executables live in target/debug/deps/, binaries in target/debug/.
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            dirs.push(dir.to_path_buf());
-            if let Some(up) = dir.parent() {
-                dirs.push(up.to_path_buf());
-            }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        dirs.push(dir.to_path_buf());
+        if let Some(up) = dir.parent() {
+            dirs.push(up.to_path_buf());
         }
     }
     if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
@@ -514,8 +521,11 @@ impl Topology {
                     .exists()
                 || fs::read_dir(NETNS_RUN_DIR)
                     .map(|d| {
-                        d.flatten()
-                            .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{p}-")))
+                        d.flatten().any(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!("{p}-"))
+                        })
                     })
                     .unwrap_or(false);
             if !taken {
@@ -540,7 +550,8 @@ impl Topology {
         Ok(topo)
     }
 
-    /// The unique prefix of every name this topology creates (at most 10 chars).
+    /// The unique prefix of every name this topology creates (`c<pid hex>-<n>`, typically
+    /// 6-10 chars; interface names built from it are checked against [`MAX_IFNAME_LEN`]).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -679,21 +690,34 @@ impl Topology {
         self.ip(&node.netns, &["link", "set", &host_veth, "up"])?;
         self.ip(
             &node.netns,
-            &["-6", "addr", "add", &format!("{gw6}/64"), "dev", &host_veth, "nodad"],
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &host_veth,
+                "nodad",
+            ],
         )?;
         self.ip(&netns, &["addr", "add", &v4p, "dev", "eth0"])?;
         self.ip(&netns, &["-6", "addr", "add", &v6p, "dev", "eth0", "nodad"])?;
         self.ip(&netns, &["link", "set", "eth0", "up"])?;
         self.ip(
             &netns,
-            &["route", "add", "default", "via", &gw4, "dev", "eth0", "onlink"],
+            &[
+                "route", "add", "default", "via", &gw4, "dev", "eth0", "onlink",
+            ],
         )?;
         self.ip(
             &netns,
             &["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"],
         )?;
         self.ip(&node.netns, &["route", "add", &v4p, "dev", &host_veth])?;
-        self.ip(&node.netns, &["-6", "route", "add", &v6p, "dev", &host_veth])?;
+        self.ip(
+            &node.netns,
+            &["-6", "route", "add", &v6p, "dev", &host_veth],
+        )?;
         Ok(Pod {
             name: name.to_string(),
             netns,
@@ -759,14 +783,20 @@ impl Topology {
         in_cgroup: bool,
         cmd: &Command,
         interactive: bool,
-    ) -> Result<(Proc, Option<(ChildStdin, Receiver<String>)>)> {
+    ) -> Result<(Proc, Option<ProbePipes>)> {
         ensure_netns(netns)?;
         let label: String = Path::new(cmd.get_program())
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "proc".into())
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let seq = self.proc_seq.fetch_add(1, Ordering::Relaxed);
         let stdout_path = self.scratch.join(format!("{seq:03}-{label}.stdout"));
@@ -945,17 +975,17 @@ impl Topology {
 
         let netns: Vec<String> = lock(&self.state).netns.drain(..).rev().collect();
         for ns in netns {
-            if netns_path(&ns).exists() {
-                if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &ns])) {
-                    errors.push(format!("{e:#}"));
-                }
+            if netns_path(&ns).exists()
+                && let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &ns]))
+            {
+                errors.push(format!("{e:#}"));
             }
         }
 
-        if self.bpffs.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.bpffs) {
-                errors.push(format!("removing {}: {e}", self.bpffs.display()));
-            }
+        if self.bpffs.exists()
+            && let Err(e) = fs::remove_dir_all(&self.bpffs)
+        {
+            errors.push(format!("removing {}: {e}", self.bpffs.display()));
         }
 
         if std::env::var_os(ENV_KEEP_TEST_DIRS).is_some() {
@@ -963,10 +993,10 @@ impl Topology {
                 "capstan-tests: keeping scratch dir {} ({ENV_KEEP_TEST_DIRS} is set)",
                 self.scratch.display()
             );
-        } else if self.scratch.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.scratch) {
-                errors.push(format!("removing {}: {e}", self.scratch.display()));
-            }
+        } else if self.scratch.exists()
+            && let Err(e) = fs::remove_dir_all(&self.scratch)
+        {
+            errors.push(format!("removing {}: {e}", self.scratch.display()));
         }
         errors
     }
@@ -994,11 +1024,18 @@ fn wait_in_netns(proc: &Proc, netns: &str) -> Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("{} did not enter netns {netns}\n{}", proc.shared.label, proc.log());
+            bail!(
+                "{} did not enter netns {netns}\n{}",
+                proc.shared.label,
+                proc.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Stdin and the stdout lines of an interactive process (the probe).
+type ProbePipes = (ChildStdin, Receiver<String>);
 
 fn ensure_netns(netns: &str) -> Result<()> {
     ensure!(
@@ -1035,10 +1072,8 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
                 .with_context(|| format!("writing {}", kill_file.display()))?;
         } else {
             for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    Signal::SIGKILL,
-                );
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -1127,20 +1162,18 @@ impl ProcShared {
             return;
         }
         // The process leads its own group: take its children along.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            Signal::SIGKILL,
-        );
+        let _ =
+            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         let _ = st.child.kill();
         st.status = st.child.wait().ok();
     }
 
     fn try_status(&self) -> Option<ExitStatus> {
         let mut st = lock(&self.state);
-        if st.status.is_none() {
-            if let Ok(Some(s)) = st.child.try_wait() {
-                st.status = Some(s);
-            }
+        if st.status.is_none()
+            && let Ok(Some(s)) = st.child.try_wait()
+        {
+            st.status = Some(s);
         }
         st.status
     }
@@ -1149,7 +1182,11 @@ impl ProcShared {
     /// thread panics, print the log (once; libtest shows it with the failure).
     fn dump_log_if_panicking(&self) {
         if std::thread::panicking() && !self.log_dumped.swap(true, Ordering::Relaxed) {
-            eprintln!("capstan-tests: test failed; log of {}:\n{}", self.label, self.log(8192));
+            eprintln!(
+                "capstan-tests: test failed; log of {} (set {ENV_KEEP_TEST_DIRS}=1 to keep the files):\n{}",
+                self.label,
+                self.log(8192)
+            );
         }
     }
 
@@ -1196,7 +1233,12 @@ impl Proc {
         );
         // Holding the lock: the process cannot be reaped meanwhile, so the pid is still ours.
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.shared.pid as i32), sig)
-            .with_context(|| format!("sending {sig} to {} (pid {})", self.shared.label, self.shared.pid))
+            .with_context(|| {
+                format!(
+                    "sending {sig} to {} (pid {})",
+                    self.shared.label, self.shared.pid
+                )
+            })
     }
 
     /// Kills the process (and its process group) with SIGKILL and reaps it. Idempotent.
@@ -1372,8 +1414,12 @@ impl Reply {
             match t.split_once('=') {
                 Some(("peer", v)) => r.peer = Some(v.to_string()),
                 Some(("from", v)) => r.from = Some(v.to_string()),
-                Some(("conn", v)) => r.conn = Some(v.parse().with_context(|| format!("conn in {line:?}"))?),
-                Some(("us", v)) => r.micros = v.parse().with_context(|| format!("us in {line:?}"))?,
+                Some(("conn", v)) => {
+                    r.conn = Some(v.parse().with_context(|| format!("conn in {line:?}"))?)
+                }
+                Some(("us", v)) => {
+                    r.micros = v.parse().with_context(|| format!("us in {line:?}"))?
+                }
                 Some(_) => {}
                 None => positional.push(t.to_string()),
             }
@@ -1493,10 +1539,7 @@ impl Probe {
             }
             Err(RecvTimeoutError::Disconnected) => {
                 io.broken = Some("probe exited".into());
-                bail!(
-                    "probe exited while running {line:?}\n{}",
-                    self.proc.log()
-                )
+                bail!("probe exited while running {line:?}\n{}", self.proc.log())
             }
         }
     }

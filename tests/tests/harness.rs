@@ -27,8 +27,14 @@ fn wildcard_echo(topo: &Topology, netns: &str, name: &str) -> Result<Proc> {
         netns,
         false,
         name,
-        &[sa(Ipv4Addr::UNSPECIFIED, 8080), sa(Ipv6Addr::UNSPECIFIED, 8080)],
-        &[sa(Ipv4Addr::UNSPECIFIED, 5353), sa(Ipv6Addr::UNSPECIFIED, 5353)],
+        &[
+            sa(Ipv4Addr::UNSPECIFIED, 8080),
+            sa(Ipv6Addr::UNSPECIFIED, 8080),
+        ],
+        &[
+            sa(Ipv4Addr::UNSPECIFIED, 5353),
+            sa(Ipv6Addr::UNSPECIFIED, 5353),
+        ],
     )
 }
 
@@ -113,7 +119,10 @@ fn pods_and_node_talk_tcp_udp_v4_v6() -> Result<()> {
         from_b.udpc(sa(A6, 9))?.errno.as_deref(),
         Some("ECONNREFUSED")
     );
-    for vip in [IpAddr::from(Ipv4Addr::new(10, 96, 0, 1)), "fd00:96::1".parse()?] {
+    for vip in [
+        IpAddr::from(Ipv4Addr::new(10, 96, 0, 1)),
+        "fd00:96::1".parse()?,
+    ] {
         let r = from_b.tcp(sa(vip, 80))?;
         assert!(
             matches!(r.errno.as_deref(), Some("ENETUNREACH" | "EHOSTUNREACH")),
@@ -125,7 +134,12 @@ fn pods_and_node_talk_tcp_udp_v4_v6() -> Result<()> {
     }
 
     // Bad input is an err line, and the probe keeps working.
-    for bad in ["tcp nonsense", "frobnicate", "loop tcp 1.2.3.4:5 x", "send 99"] {
+    for bad in [
+        "tcp nonsense",
+        "frobnicate",
+        "loop tcp 1.2.3.4:5 x",
+        "send 99",
+    ] {
         let r = Reply::parse(&from_b.cmd(bad)?)?;
         assert!(!r.ok, "{bad}: {}", r.raw);
     }
@@ -154,9 +168,16 @@ fn no_route_leaves_the_topology() -> Result<()> {
                 let ok = match dst {
                     "default" => ns == pod.netns() && r.contains("dev eth0"),
                     // The test's pod and node addresses, link-local and loopback.
-                    d => ["10.244.", "fd00:244::", "10.200.", "fd00:200::", "fe80::", "::1"]
-                        .iter()
-                        .any(|p| d.starts_with(p)),
+                    d => [
+                        "10.244.",
+                        "fd00:244::",
+                        "10.200.",
+                        "fd00:200::",
+                        "fe80::",
+                        "::1",
+                    ]
+                    .iter()
+                    .any(|p| d.starts_with(p)),
                 };
                 ensure!(ok, "unexpected route in {ns}: {r}");
             }
@@ -255,7 +276,11 @@ fn populate(topo: &Topology) -> Result<(Footprint, Vec<Proc>)> {
         bpffs: topo.bpffs_dir().to_path_buf(),
         pids: vec![echo.pid(), probe_proc.pid(), daemon.pid(), daemon_pid],
     };
-    assert!(fp.pids.iter().all(|p| Path::new(&format!("/proc/{p}")).exists()));
+    assert!(
+        fp.pids
+            .iter()
+            .all(|p| Path::new(&format!("/proc/{p}")).exists())
+    );
     Ok((fp, vec![echo, probe_proc, daemon]))
 }
 
@@ -268,7 +293,9 @@ fn netns_referenced(ino: u64) -> bool {
     {
         return true;
     }
-    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
     procs.flatten().any(|e| {
         std::fs::read_link(e.path().join("ns/net"))
             .map(|l| l.to_string_lossy() == needle)
@@ -289,16 +316,34 @@ fn pid_alive(pid: u32) -> bool {
 fn assert_gone(fp: &Footprint) -> Result<()> {
     for (ns, ino) in &fp.netns {
         ensure!(!netns_path(ns).exists(), "netns {ns} still exists");
-        ensure!(!netns_referenced(*ino), "netns {ns} (inode {ino}) still referenced");
+        ensure!(
+            !netns_referenced(*ino),
+            "netns {ns} (inode {ino}) still referenced"
+        );
     }
     let host_links = Command::new("ip").args(["-o", "link", "show"]).output()?;
     let host_links = String::from_utf8_lossy(&host_links.stdout);
     for v in &fp.veths {
-        ensure!(!host_links.contains(v.as_str()), "veth {v} in the host namespace");
+        ensure!(
+            !host_links.contains(v.as_str()),
+            "veth {v} in the host namespace"
+        );
     }
-    ensure!(!fp.cgroup.exists(), "cgroup {} still exists", fp.cgroup.display());
-    ensure!(!fp.scratch.exists(), "scratch {} still exists", fp.scratch.display());
-    ensure!(!fp.bpffs.exists(), "bpffs dir {} still exists", fp.bpffs.display());
+    ensure!(
+        !fp.cgroup.exists(),
+        "cgroup {} still exists",
+        fp.cgroup.display()
+    );
+    ensure!(
+        !fp.scratch.exists(),
+        "scratch {} still exists",
+        fp.scratch.display()
+    );
+    ensure!(
+        !fp.bpffs.exists(),
+        "bpffs dir {} still exists",
+        fp.bpffs.display()
+    );
     wait_until(Duration::from_secs(5), || {
         Ok(fp.pids.iter().all(|p| !pid_alive(*p)))
     })
@@ -367,7 +412,10 @@ fn parallel_topologies_do_not_collide() -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked")))
+            })
             .collect()
     });
     let mut prefixes = Vec::new();
@@ -402,7 +450,13 @@ fn helpers() -> Result<()> {
 
     // A spawn into a missing namespace fails cleanly.
     let topo = Topology::new()?;
-    assert!(topo.spawn("nope", false, &mut Command::new("true")).is_err());
-    assert!(topo.pod(&topo.node("n")?, "n", A4, A6).is_err(), "duplicate name");
+    assert!(
+        topo.spawn("nope", false, &mut Command::new("true"))
+            .is_err()
+    );
+    assert!(
+        topo.pod(&topo.node("n")?, "n", A4, A6).is_err(),
+        "duplicate name"
+    );
     Ok(())
 }

@@ -81,7 +81,9 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250)).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
+            .collect()
     }
 
     #[test]

@@ -136,11 +136,7 @@ pub struct PlanKey {
 impl fmt::Display for PlanKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)?;
-        write!(
-            f,
-            "/{:?}/{:?}/{:?}",
-            self.protocol, self.family, self.scope
-        )
+        write!(f, "/{:?}/{:?}/{:?}", self.protocol, self.family, self.scope)
     }
 }
 
@@ -218,7 +214,11 @@ fn endpoint_candidates(ep: &Endpoint, port: u16, publish_not_ready: bool) -> Vec
     // serving: nil means "same as ready" (API documentation).
     let serving = c.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    let (ready, serving) = if publish_not_ready { (true, true) } else { (ready, serving) };
+    let (ready, serving) = if publish_not_ready {
+        (true, true)
+    } else {
+        (ready, serving)
+    };
     let hints = ep.hints.as_ref();
     let zones = hints
         .and_then(|h| h.for_zones.as_ref())
@@ -358,7 +358,11 @@ fn topology_filter<'a>(
         .iter()
         .filter(|c| c.zones.as_ref().is_some_and(|z| z.contains(zone)))
         .collect();
-    if picked.iter().any(|c| c.ready) { picked } else { all }
+    if picked.iter().any(|c| c.ready) {
+        picked
+    } else {
+        all
+    }
 }
 
 /// Builds the desired data-path state. Never fails: what cannot be used is logged and
@@ -377,8 +381,14 @@ pub fn desired_state(snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
         if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
             continue;
         }
-        let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else { continue };
-        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            continue;
+        };
+        let ns = s
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         slices.entry((ns, svc.clone())).or_default().push(s);
     }
 
@@ -388,17 +398,32 @@ pub fn desired_state(snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
     // Older Services win a conflict over a frontend, as the API server would have let
     // only the first one have the address.
     services.sort_by(|a, b| {
-        let ka = (&a.metadata.creation_timestamp, &a.metadata.namespace, &a.metadata.name);
-        let kb = (&b.metadata.creation_timestamp, &b.metadata.namespace, &b.metadata.name);
+        let ka = (
+            &a.metadata.creation_timestamp,
+            &a.metadata.namespace,
+            &a.metadata.name,
+        );
+        let kb = (
+            &b.metadata.creation_timestamp,
+            &b.metadata.namespace,
+            &b.metadata.name,
+        );
         ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
     });
     for svc in services {
         if skip_reason(svc, ctx).is_some() {
             continue;
         }
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let svc_slices = slices.get(&(ns.clone(), name.clone())).map(|v| v.as_slice()).unwrap_or(&[]);
+        let svc_slices = slices
+            .get(&(ns.clone(), name.clone()))
+            .map(|v| v.as_slice())
+            .unwrap_or(&[]);
         match service_plans(svc, &ns, &name, svc_slices, ctx, zone.as_deref()) {
             Ok(plans) => {
                 for (key, mut plan) in plans {
@@ -429,7 +454,10 @@ pub fn validate_service(svc: &Service) -> Result<(), String> {
     if let Some(Skip::Invalid(e)) = skip_reason(svc, &ctx) {
         return Err(e);
     }
-    if matches!(skip_reason(svc, &ctx), Some(Skip::Headless | Skip::ExternalName)) {
+    if matches!(
+        skip_reason(svc, &ctx),
+        Some(Skip::Headless | Skip::ExternalName)
+    ) {
         return Ok(());
     }
     service_plans(svc, "", "", &[], &ctx, None).map(|_| ())
@@ -452,9 +480,14 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
     let Some(family) = family else { return Ok(()) };
     for ep in slice.endpoints.iter().flatten() {
         for a in &ep.addresses {
-            let ip: IpAddr = a.parse().map_err(|_| format!("invalid endpoint address {a:?}"))?;
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| format!("invalid endpoint address {a:?}"))?;
             if Family::of(&ip) != family {
-                return Err(format!("endpoint address {a} is not an {} address", slice.address_type));
+                return Err(format!(
+                    "endpoint address {a} is not an {} address",
+                    slice.address_type
+                ));
             }
         }
     }
@@ -478,22 +511,35 @@ fn service_plans(
         .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
         .unwrap_or_default();
     for ip in ips.iter().filter(|s| !s.is_empty()) {
-        cluster_ips.push(ip.parse().map_err(|_| format!("invalid clusterIP {ip:?}"))?);
+        cluster_ips.push(
+            ip.parse()
+                .map_err(|_| format!("invalid clusterIP {ip:?}"))?,
+        );
     }
     let mut external: Vec<IpAddr> = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
-        external.push(ip.parse().map_err(|_| format!("invalid externalIP {ip:?}"))?);
+        external.push(
+            ip.parse()
+                .map_err(|_| format!("invalid externalIP {ip:?}"))?,
+        );
     }
     let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
     if is_lb {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
         for ing in ingress.into_iter().flatten() {
             // ipMode Proxy: the load balancer proxies, the node must not short-circuit.
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
             }
             if let Some(ip) = &ing.ip {
-                external.push(ip.parse().map_err(|_| format!("invalid loadBalancer ingress IP {ip:?}"))?);
+                external.push(
+                    ip.parse()
+                        .map_err(|_| format!("invalid loadBalancer ingress IP {ip:?}"))?,
+                );
             }
         }
     }
@@ -507,7 +553,13 @@ fn service_plans(
             .map(|t| t as u32)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let algorithm = match svc.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_ALGORITHM)).map(|s| s.as_str()) {
+    let algorithm = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+        .map(|s| s.as_str())
+    {
         Some("maglev") => Algorithm::Maglev,
         Some("random") => Algorithm::Random,
         Some(other) => return Err(format!("unknown {ANNOTATION_LB_ALGORITHM} {other:?}")),
@@ -538,7 +590,11 @@ fn service_plans(
         let local = usable(&local_cands);
         for family in [Family::V4, Family::V6] {
             let of_family = |v: &[SocketAddr]| -> Vec<SocketAddr> {
-                let mut v: Vec<SocketAddr> = v.iter().copied().filter(|a| Family::of(&a.ip()) == family).collect();
+                let mut v: Vec<SocketAddr> = v
+                    .iter()
+                    .copied()
+                    .filter(|a| Family::of(&a.ip()) == family)
+                    .collect();
                 v.sort();
                 v.dedup();
                 v
@@ -551,7 +607,11 @@ fn service_plans(
                 family,
                 scope,
             };
-            let frontend = |addr| Frontend { addr, port, protocol };
+            let frontend = |addr| Frontend {
+                addr,
+                port,
+                protocol,
+            };
             let internal: BTreeSet<Frontend> = cluster_ips
                 .iter()
                 .filter(|ip| Family::of(ip) == family)
@@ -565,7 +625,11 @@ fn service_plans(
                 .map(|ip| frontend(FrontendAddr::Ip(*ip)))
                 .collect();
             if let Some(np) = node_port {
-                ext.insert(Frontend { addr: FrontendAddr::NodePort(family), port: np, protocol });
+                ext.insert(Frontend {
+                    addr: FrontendAddr::NodePort(family),
+                    port: np,
+                    protocol,
+                });
             }
             let base = Plan {
                 frontends: BTreeSet::new(),
@@ -574,11 +638,29 @@ fn service_plans(
                 algorithm,
             };
             if !internal.is_empty() {
-                let backends = if itp_local { of_family(&local) } else { of_family(&cluster) };
-                plans.push((key(Scope::Internal), Plan { frontends: internal, backends, ..base.clone() }));
+                let backends = if itp_local {
+                    of_family(&local)
+                } else {
+                    of_family(&cluster)
+                };
+                plans.push((
+                    key(Scope::Internal),
+                    Plan {
+                        frontends: internal,
+                        backends,
+                        ..base.clone()
+                    },
+                ));
             }
             if !ext.is_empty() && !cluster_ips.iter().all(|ip| Family::of(ip) != family) {
-                plans.push((key(Scope::External), Plan { frontends: ext, backends: of_family(&cluster), ..base }));
+                plans.push((
+                    key(Scope::External),
+                    Plan {
+                        frontends: ext,
+                        backends: of_family(&cluster),
+                        ..base
+                    },
+                ));
             }
         }
     }

@@ -47,7 +47,13 @@ pub async fn client(conn: &Connection) -> anyhow::Result<Client> {
 
 fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, impl futures::Stream<Item = ()>)
 where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
@@ -68,7 +74,10 @@ where
 
 pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Result<()> {
     let client = client(&conn).await?;
-    let (services, s1) = reflect(Api::<Service>::all(client.clone()), watcher::Config::default());
+    let (services, s1) = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let (slices, s2) = reflect(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("!{LABEL_HEADLESS}")),
@@ -77,8 +86,13 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     );
-    let mut events = futures::stream::select(futures::stream::select(s1.boxed(), s2.boxed()), s3.boxed());
-    let ready = futures::future::join3(services.wait_until_ready(), slices.wait_until_ready(), nodes.wait_until_ready());
+    let mut events =
+        futures::stream::select(futures::stream::select(s1.boxed(), s2.boxed()), s3.boxed());
+    let ready = futures::future::join3(
+        services.wait_until_ready(),
+        slices.wait_until_ready(),
+        nodes.wait_until_ready(),
+    );
     tokio::pin!(ready);
     // Drive the watches until every initial list is in.
     loop {
@@ -87,14 +101,22 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
             ev = events.next() => if ev.is_none() { return Ok(()) },
         }
     }
-    info!(services = services.state().len(), endpoint_slices = slices.state().len(), "initial lists received");
+    info!(
+        services = services.state().len(),
+        endpoint_slices = slices.state().len(),
+        "initial lists received"
+    );
     let publish = |tx: &Sender| {
         let snapshot = Snapshot {
             services: services.state().iter().map(|s| (**s).clone()).collect(),
             endpoint_slices: slices.state().iter().map(|s| (**s).clone()).collect(),
             nodes: nodes.state().iter().map(|s| (**s).clone()).collect(),
         };
-        let update = Update { trigger_time: trigger_time(&snapshot), snapshot: Arc::new(snapshot), observed_at: Instant::now() };
+        let update = Update {
+            trigger_time: trigger_time(&snapshot),
+            snapshot: Arc::new(snapshot),
+            observed_at: Instant::now(),
+        };
         tx.send(Some(update)).is_ok()
     };
     if !publish(&tx) {

@@ -30,7 +30,11 @@ impl Object {
             Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
             Object::Node(n) => ("Node", &n.metadata),
         };
-        (kind, meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+        (
+            kind,
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
     }
 }
 
@@ -39,7 +43,8 @@ impl Object {
 pub fn parse(text: &str) -> Result<Vec<Object>, String> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
         collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
     }
     Ok(out)
@@ -49,31 +54,51 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String
     if value.is_null() {
         return Ok(());
     }
-    let kind = value.get("kind").and_then(|k| k.as_str()).ok_or("no kind")?.to_string();
-    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("").to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or("no kind")?
+        .to_string();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_string();
     let obj = match kind.as_str() {
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 collect(item, out)?;
             }
             return Ok(());
         }
         "Service" => {
-            let mut s: Service = serde_yaml::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
+            let mut s: Service =
+                serde_yaml::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_service(&s).map_err(|e| format!("Service {name}: {e}"))?;
             Object::Service(Box::new(s))
         }
         "EndpointSlice" => {
-            let mut s: EndpointSlice = serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
+            let mut s: EndpointSlice =
+                serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_endpoint_slice(&s).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             Object::EndpointSlice(Box::new(s))
         }
-        "Node" => Object::Node(Box::new(serde_yaml::from_value(value).map_err(|e| format!("Node {name}: {e}"))?)),
+        "Node" => Object::Node(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("Node {name}: {e}"))?,
+        )),
         other => {
-            debug!(kind = other, name, "ignoring object of a kind capstan-proxy does not use");
+            debug!(
+                kind = other,
+                name, "ignoring object of a kind capstan-proxy does not use"
+            );
             return Ok(());
         }
     };
@@ -96,13 +121,21 @@ pub struct ManifestDir {
 }
 
 fn is_manifest(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
-        && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    ) && !p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ManifestDir { dir: dir.into(), files: BTreeMap::new() }
+        ManifestDir {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Re-reads files that changed. Returns whether anything changed.
@@ -114,12 +147,17 @@ impl ManifestDir {
             if !is_manifest(&path) {
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
             present.insert(path.clone());
-            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
@@ -139,7 +177,11 @@ impl ManifestDir {
                 Err(e) => {
                     error!(file = %path.display(), error = %e, "invalid manifest; keeping its last good content");
                     // Remember the stamp so the same broken file is not reported again.
-                    let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+                    let objects = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
                     self.files.insert(path, FileState { stamp, objects });
                 }
             }
@@ -191,13 +233,19 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
             Ok(changed) if changed || first => {
                 first = false;
                 let snapshot = md.snapshot();
-                let update = Update { trigger_time: trigger_time(&snapshot), snapshot: Arc::new(snapshot), observed_at: Instant::now() };
+                let update = Update {
+                    trigger_time: trigger_time(&snapshot),
+                    snapshot: Arc::new(snapshot),
+                    observed_at: Instant::now(),
+                };
                 if tx.send(Some(update)).is_err() {
                     return Ok(());
                 }
             }
             Ok(_) => {}
-            Err(e) => error!(dir = %dir.display(), error = %e, "cannot read the manifest directory; keeping the last state"),
+            Err(e) => {
+                error!(dir = %dir.display(), error = %e, "cannot read the manifest directory; keeping the last state")
+            }
         }
         tokio::select! {
             Some(()) = ev_rx.recv() => {
@@ -244,11 +292,23 @@ endpoints:
     #[test]
     fn rejects_bad_input_with_a_reason() {
         for (bad, why) in [
-            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}", "invalid clusterIP"),
-            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 70000}]}", "out of range"),
-            ("kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {ports: [{port: [1]}]}", "Service x"),
+            (
+                "kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}",
+                "invalid clusterIP",
+            ),
+            (
+                "kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 70000}]}",
+                "out of range",
+            ),
+            (
+                "kind: Service\napiVersion: v1\nmetadata: {name: x}\nspec: {ports: [{port: [1]}]}",
+                "Service x",
+            ),
             ("{{{", "document 1"),
-            ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]", "not an IPv4"),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]",
+                "not an IPv4",
+            ),
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

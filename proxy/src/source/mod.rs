@@ -30,7 +30,12 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 pub fn trigger_time(snap: &Snapshot) -> Option<SystemTime> {
     snap.endpoint_slices
         .iter()
-        .filter_map(|s| s.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME))
+        .filter_map(|s| {
+            s.metadata
+                .annotations
+                .as_ref()?
+                .get(ANNOTATION_TRIGGER_TIME)
+        })
         .filter_map(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
         .max()
 }

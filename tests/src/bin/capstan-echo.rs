@@ -193,7 +193,11 @@ fn serve_udp(sock: UdpSocket, name: Arc<str>) {
                     }
                 }
             }
-            (msg.address.as_ref().and_then(storage_to_socketaddr), pkt4, pkt6)
+            (
+                msg.address.as_ref().and_then(storage_to_socketaddr),
+                pkt4,
+                pkt6,
+            )
         };
         let Some(peer) = peer else { continue };
         let reply = format!("{name} {}\n", peer.ip());
@@ -206,7 +210,8 @@ fn serve_udp(sock: UdpSocket, name: Arc<str>) {
             ipi_addr: libc::in_addr { s_addr: 0 },
         });
         let info6 = pkt6.map(|i| {
-            let is_link_local = i.ipi6_addr.s6_addr[0] == 0xfe && (i.ipi6_addr.s6_addr[1] & 0xc0) == 0x80;
+            let is_link_local =
+                i.ipi6_addr.s6_addr[0] == 0xfe && (i.ipi6_addr.s6_addr[1] & 0xc0) == 0x80;
             libc::in6_pktinfo {
                 ipi6_addr: i.ipi6_addr,
                 ipi6_ifindex: if is_link_local { i.ipi6_ifindex } else { 0 },

@@ -281,7 +281,9 @@ impl Probe {
     fn execute(&mut self, line: &str) -> (String, bool) {
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = |i: usize| -> Result<SocketAddr, String> {
-            let w = words.get(i).ok_or_else(|| bad("BADARG", "missing address"))?;
+            let w = words
+                .get(i)
+                .ok_or_else(|| bad("BADARG", "missing address"))?;
             w.parse()
                 .map_err(|_| bad("BADARG", &format!("bad address {w}")))
         };
@@ -364,7 +366,10 @@ fn main() {
         }
         let line = String::from_utf8_lossy(&raw);
         let (out, quit) = probe.execute(line.trim());
-        if writeln!(stdout, "{out}").and_then(|_| stdout.flush()).is_err() {
+        if writeln!(stdout, "{out}")
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
             return;
         }
         if quit {

@@ -35,10 +35,16 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/capstan-pro
 pub enum Error {
     /// bpffs could not be found or mounted, or the pin directory not created.
     #[error("bpffs at {path}: {source}")]
-    Bpffs { path: PathBuf, source: std::io::Error },
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The cgroup to attach to could not be opened.
     #[error("cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The kernel refused the object (verifier, map creation).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -88,6 +94,9 @@ pub struct EbpfDataplane {
     _ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
+    /// Second descriptors on the same two maps, for batch writes (aya 0.14 has none).
+    services_fd: MapData,
+    backends_fd: MapData,
     maglev: HashMap<MapData, u32, MaglevTable>,
     node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     reverse_entries: HashMap<MapData, ReverseKey, ReverseValue>,
@@ -101,8 +110,14 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(Error::Map { name, message: "not in the object".into() })?;
-    T::try_from(map).map_err(|e| Error::Map { name, message: e.to_string() })
+    let map = ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        message: "not in the object".into(),
+    })?;
+    T::try_from(map).map_err(|e| Error::Map {
+        name,
+        message: e.to_string(),
+    })
 }
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -113,11 +128,20 @@ impl EbpfDataplane {
     /// Loads the programs and maps (reusing pinned maps), attaches or re-links the
     /// programs, and reads what the maps hold.
     pub fn start(opts: &Options) -> Result<Self, Error> {
-        ensure_bpffs(&opts.pin_dir).map_err(|source| Error::Bpffs { path: opts.pin_dir.clone(), source })?;
+        ensure_bpffs(&opts.pin_dir).map_err(|source| Error::Bpffs {
+            path: opts.pin_dir.clone(),
+            source,
+        })?;
         sys::create_private_dir(&opts.pin_dir)
             .and_then(|_| sys::create_private_dir(&links_dir(&opts.pin_dir)))
-            .map_err(|source| Error::Bpffs { path: opts.pin_dir.clone(), source })?;
-        let cgroup = fs::File::open(&opts.cgroup).map_err(|source| Error::Cgroup { path: opts.cgroup.clone(), source })?;
+            .map_err(|source| Error::Bpffs {
+                path: opts.pin_dir.clone(),
+                source,
+            })?;
+        let cgroup = fs::File::open(&opts.cgroup).map_err(|source| Error::Cgroup {
+            path: opts.cgroup.clone(),
+            source,
+        })?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
@@ -131,34 +155,76 @@ impl EbpfDataplane {
         for name in PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .ok_or(Error::Program { name, message: "not in the object".into() })?
+                .ok_or(Error::Program {
+                    name,
+                    message: "not in the object".into(),
+                })?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| Error::Program { name, message: e.to_string() })?;
-            prog.load().map_err(|e| Error::Program { name, message: format!("{e:?}") })?;
+                .map_err(|e: aya::programs::ProgramError| Error::Program {
+                    name,
+                    message: e.to_string(),
+                })?;
+            prog.load().map_err(|e| Error::Program {
+                name,
+                message: format!("{e:?}"),
+            })?;
             let pin = links_dir(&opts.pin_dir).join(name);
-            let prog_fd = prog.fd().map_err(|e| Error::Program { name, message: e.to_string() })?;
+            let prog_fd = prog.fd().map_err(|e| Error::Program {
+                name,
+                message: e.to_string(),
+            })?;
             if pin.exists() {
-                sys::link_update(&pin, prog_fd.as_fd())
-                    .map_err(|e| Error::Program { name, message: format!("updating pinned link {}: {e}", pin.display()) })?;
+                sys::link_update(&pin, prog_fd.as_fd()).map_err(|e| Error::Program {
+                    name,
+                    message: format!("updating pinned link {}: {e}", pin.display()),
+                })?;
                 debug!(program = name, "replaced the program in its pinned link");
             } else {
                 let id = prog
-                    .attach(&cgroup, // With bpf_link the kernel takes no attach flags: links always coexist with
-                    // other programs on the hook.
-                    CgroupAttachMode::Single)
-                    .map_err(|e| Error::Program { name, message: format!("attach to {}: {e:?}", opts.cgroup.display()) })?;
-                let link = prog.take_link(id).map_err(|e| Error::Program { name, message: e.to_string() })?;
-                let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| Error::Program { name, message: e.to_string() })?;
-                fd_link.pin(&pin).map_err(|e| Error::Program { name, message: format!("pin link: {e}") })?;
+                    .attach(
+                        &cgroup, // With bpf_link the kernel takes no attach flags: links always coexist with
+                        // other programs on the hook.
+                        CgroupAttachMode::Single,
+                    )
+                    .map_err(|e| Error::Program {
+                        name,
+                        message: format!("attach to {}: {e:?}", opts.cgroup.display()),
+                    })?;
+                let link = prog.take_link(id).map_err(|e| Error::Program {
+                    name,
+                    message: e.to_string(),
+                })?;
+                let fd_link: FdLink =
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| Error::Program {
+                            name,
+                            message: e.to_string(),
+                        })?;
+                fd_link.pin(&pin).map_err(|e| Error::Program {
+                    name,
+                    message: format!("pin link: {e}"),
+                })?;
                 debug!(program = name, cgroup = %opts.cgroup.display(), "attached");
             }
         }
 
         let mut config: Array<MapData, Config> = take(&mut ebpf, CONFIG_MAP)?;
-        let cookie = netns_cookie().map_err(|e| Error::Map { name: CONFIG_MAP, message: format!("SO_NETNS_COOKIE: {e}") })?;
+        let cookie = netns_cookie().map_err(|e| Error::Map {
+            name: CONFIG_MAP,
+            message: format!("SO_NETNS_COOKIE: {e}"),
+        })?;
         config
-            .set(0, Config { host_netns_cookie: cookie }, 0)
-            .map_err(|e| Error::Map { name: CONFIG_MAP, message: e.to_string() })?;
+            .set(
+                0,
+                Config {
+                    host_netns_cookie: cookie,
+                },
+                0,
+            )
+            .map_err(|e| Error::Map {
+                name: CONFIG_MAP,
+                message: e.to_string(),
+            })?;
 
         let services: HashMap<MapData, ServiceKey, ServiceValue> = take(&mut ebpf, SERVICES_MAP)?;
         let backends: HashMap<MapData, u32, Backend> = take(&mut ebpf, BACKENDS_MAP)?;
@@ -167,6 +233,14 @@ impl EbpfDataplane {
         let reverse_entries = take(&mut ebpf, REVERSE_MAP)?;
         let counters = take(&mut ebpf, COUNTERS_MAP)?;
 
+        let open = |name: &'static str| {
+            MapData::from_pin(opts.pin_dir.join(name)).map_err(|e| Error::Map {
+                name,
+                message: e.to_string(),
+            })
+        };
+        let services_fd = open(SERVICES_MAP)?;
+        let backends_fd = open(BACKENDS_MAP)?;
         let mirror = read_state(&services, &backends, &maglev, &node_addrs)?;
         info!(
             frontends = mirror.services.keys().filter(|k| k.slot == 0).count(),
@@ -179,6 +253,8 @@ impl EbpfDataplane {
             _ebpf: ebpf,
             services,
             backends,
+            services_fd,
+            backends_fd,
             maglev,
             node_addrs,
             reverse_entries,
@@ -196,7 +272,11 @@ impl EbpfDataplane {
 
     fn write(&mut self, op: &Op) -> Result<(), MapError> {
         let ignore_missing = |r: Result<(), MapError>| match r {
-            Err(MapError::SyscallError(SyscallError { io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
             other => other,
         };
@@ -205,7 +285,11 @@ impl EbpfDataplane {
             Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
             Op::PutSlot(k, v) => self.services.insert(k, v, 0),
             Op::PutMaglev(id, t) => {
-                let mut table = Box::new(MaglevTable { m: t.len() as u32, table: [0; MAGLEV_MAX_TABLE], _pad: 0 });
+                let mut table = Box::new(MaglevTable {
+                    m: t.len() as u32,
+                    table: [0; MAGLEV_MAX_TABLE],
+                    _pad: 0,
+                });
                 let n = t.len().min(MAGLEV_MAX_TABLE);
                 table.table[..n].copy_from_slice(&t[..n]);
                 self.maglev.insert(id, &*table, 0)
@@ -218,42 +302,182 @@ impl EbpfDataplane {
     }
 
     /// Applies changes in their safe order; a plan whose preparation failed keeps its
-    /// last committed state.
+    /// last committed state. Within a stage, writes are grouped by kind (backends before
+    /// slots, slot deletions before backend deletions) and sent in batches.
     pub fn apply(&mut self, ch: &Changes) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed: HashSet<usize> = HashSet::new();
         for stage in [&ch.prepare, &ch.commit, &ch.cleanup] {
-            for (plan, op) in stage {
-                if plan.is_some_and(|p| failed.contains(&p)) {
-                    continue;
-                }
-                match self.write(op) {
-                    Ok(()) => {
-                        plan::apply_to_mirror(&mut self.mirror, op);
-                        report.writes += 1;
-                    }
-                    Err(e) => {
-                        let map = map_of(op);
-                        let full = matches!(&e, MapError::SyscallError(SyscallError { io_error, .. })
-                            if matches!(io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)));
-                        let plan_name = plan.map(|p| ch.plans[p].to_string()).unwrap_or_default();
-                        if full {
-                            error!(map, plan = %plan_name, "map is full: the Service keeps its last state (raise the map size flag)");
-                            report.full_maps.push(map);
-                        } else {
-                            error!(map, plan = %plan_name, error = %e, "map write failed");
-                            report.errors += 1;
+            let mut ops: Vec<&plan::Tagged> = stage.iter().collect();
+            ops.sort_by_key(|(_, op)| rank(op));
+            for group in ops.chunk_by(|a, b| rank(&a.1) == rank(&b.1)) {
+                let group: Vec<&plan::Tagged> = group
+                    .iter()
+                    .copied()
+                    .filter(|(p, _)| !p.is_some_and(|p| failed.contains(&p)))
+                    .collect();
+                let results = self.write_group(&group);
+                for ((plan, op), result) in group.iter().zip(results) {
+                    match result {
+                        Ok(()) => {
+                            plan::apply_to_mirror(&mut self.mirror, op);
+                            report.writes += 1;
                         }
-                        if let Some(p) = plan {
-                            if failed.insert(*p) {
-                                report.failed_plans.push(ch.plans[*p].clone());
-                            }
-                        }
+                        Err(e) => self.record_failure(ch, *plan, op, e, &mut failed, &mut report),
                     }
                 }
             }
         }
         report
+    }
+
+    fn record_failure(
+        &self,
+        ch: &Changes,
+        plan: Option<usize>,
+        op: &Op,
+        e: std::io::Error,
+        failed: &mut HashSet<usize>,
+        report: &mut SyncReport,
+    ) {
+        let map = map_of(op);
+        let plan_name = plan.map(|p| ch.plans[p].to_string()).unwrap_or_default();
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+        ) {
+            error!(map, plan = %plan_name, "map is full: the Service keeps its last state (raise the map size flag)");
+            report.full_maps.push(map);
+        } else {
+            error!(map, plan = %plan_name, error = %e, "map write failed");
+            report.errors += 1;
+        }
+        if let Some(p) = plan {
+            if failed.insert(p) {
+                report.failed_plans.push(ch.plans[p].clone());
+            }
+        }
+    }
+
+    /// Writes a group of operations of one kind; one result per operation.
+    fn write_group(&mut self, group: &[&plan::Tagged]) -> Vec<std::io::Result<()>> {
+        let Some((_, first)) = group.first() else {
+            return Vec::new();
+        };
+        match first {
+            Op::PutSlot(..) => {
+                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = group
+                    .iter()
+                    .filter_map(|(_, op)| {
+                        if let Op::PutSlot(k, v) = op {
+                            Some((*k, *v))
+                        } else {
+                            None
+                        }
+                    })
+                    .unzip();
+                let fd = self.services_fd.fd().as_fd();
+                batched(keys.len(), false, |from| {
+                    sys::update_batch(fd, &keys[from..], &values[from..])
+                })
+            }
+            Op::PutBackend(..) => {
+                let (keys, values): (Vec<u32>, Vec<Backend>) = group
+                    .iter()
+                    .filter_map(|(_, op)| {
+                        if let Op::PutBackend(k, v) = op {
+                            Some((*k, *v))
+                        } else {
+                            None
+                        }
+                    })
+                    .unzip();
+                let fd = self.backends_fd.fd().as_fd();
+                batched(keys.len(), false, |from| {
+                    sys::update_batch(fd, &keys[from..], &values[from..])
+                })
+            }
+            Op::DelSlot(..) => {
+                let keys: Vec<ServiceKey> = group
+                    .iter()
+                    .filter_map(|(_, op)| {
+                        if let Op::DelSlot(k) = op {
+                            Some(*k)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let fd = self.services_fd.fd().as_fd();
+                batched(keys.len(), true, |from| {
+                    sys::delete_batch(fd, &keys[from..])
+                })
+            }
+            Op::DelBackend(..) => {
+                let keys: Vec<u32> = group
+                    .iter()
+                    .filter_map(|(_, op)| {
+                        if let Op::DelBackend(k) = op {
+                            Some(*k)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let fd = self.backends_fd.fd().as_fd();
+                batched(keys.len(), true, |from| {
+                    sys::delete_batch(fd, &keys[from..])
+                })
+            }
+            _ => group
+                .iter()
+                .map(|(_, op)| {
+                    self.write(op).map_err(|e| match e {
+                        MapError::SyscallError(SyscallError { io_error, .. }) => io_error,
+                        other => std::io::Error::other(other.to_string()),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Runs a batch call over `n` elements, resuming after each element the kernel refused
+/// (a deletion of a missing key counts as done).
+fn batched(
+    n: usize,
+    deleting: bool,
+    mut call: impl FnMut(usize) -> sys::BatchResult,
+) -> Vec<std::io::Result<()>> {
+    let mut out: Vec<std::io::Result<()>> = Vec::with_capacity(n);
+    while out.len() < n {
+        let from = out.len();
+        let r = call(from);
+        out.extend((0..r.done).map(|_| Ok(())));
+        if let Some(e) = r.error {
+            if out.len() < n {
+                if deleting && e.raw_os_error() == Some(libc::ENOENT) {
+                    out.push(Ok(()));
+                } else {
+                    out.push(Err(e));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The order kinds of writes go in within a stage.
+fn rank(op: &Op) -> u8 {
+    match op {
+        Op::PutNodeAddr(_) => 0,
+        Op::PutBackend(..) => 1,
+        Op::PutSlot(..) => 2,
+        Op::PutMaglev(..) => 3,
+        Op::DelSlot(_) => 4,
+        Op::DelBackend(_) => 5,
+        Op::DelMaglev(_) => 6,
+        Op::DelNodeAddr(_) => 7,
     }
 }
 
@@ -272,7 +496,12 @@ fn read_state(
     maglev: &HashMap<MapData, u32, MaglevTable>,
     node_addrs: &HashMap<MapData, NodeAddrKey, u32>,
 ) -> Result<MapState, Error> {
-    let err = |name: &'static str| move |e: MapError| Error::Map { name, message: e.to_string() };
+    let err = |name: &'static str| {
+        move |e: MapError| Error::Map {
+            name,
+            message: e.to_string(),
+        }
+    };
     let mut st = MapState::default();
     for kv in services.iter() {
         let (k, v) = kv.map_err(err(SERVICES_MAP))?;
@@ -295,11 +524,22 @@ fn read_state(
 
 impl Dataplane for EbpfDataplane {
     fn sync(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport {
-        let changes = plan::diff(&self.mirror, desired, node_addrs, self.maglev_m, &mut self.ids);
+        let changes = plan::diff(
+            &self.mirror,
+            desired,
+            node_addrs,
+            self.maglev_m,
+            &mut self.ids,
+        );
         if changes.is_empty() {
             return SyncReport::default();
         }
-        debug!(prepare = changes.prepare.len(), commit = changes.commit.len(), cleanup = changes.cleanup.len(), "applying map changes");
+        debug!(
+            prepare = changes.prepare.len(),
+            commit = changes.commit.len(),
+            cleanup = changes.cleanup.len(),
+            "applying map changes"
+        );
         self.apply(&changes)
     }
 

@@ -75,9 +75,17 @@ pub struct Ids {
 impl Ids {
     /// Continues after the highest ids the maps already use.
     pub fn after(state: &MapState) -> Ids {
-        let max_svc = state.services.values().map(|v| v.service_id).max().unwrap_or(0);
+        let max_svc = state
+            .services
+            .values()
+            .map(|v| v.service_id)
+            .max()
+            .unwrap_or(0);
         let max_be = state.backends.keys().copied().max().unwrap_or(0);
-        Ids { next_service: max_svc + 1, next_backend: max_be + 1 }
+        Ids {
+            next_service: max_svc + 1,
+            next_backend: max_be + 1,
+        }
     }
     fn service(&mut self) -> u32 {
         let id = self.next_service.max(1);
@@ -126,7 +134,11 @@ pub fn host_port(port: u16) -> u16 {
 
 pub fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
     let (addr, family) = addr_words(ip);
-    NodeAddrKey { addr, family, _pad: [0; 3] }
+    NodeAddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
 }
 
 /// Slot 0 key of a frontend.
@@ -136,12 +148,24 @@ pub fn frontend_key(f: &Frontend) -> ServiceKey {
         FrontendAddr::NodePort(Family::V4) => ([0; 4], FAMILY_V4),
         FrontendAddr::NodePort(Family::V6) => ([0; 4], FAMILY_V6),
     };
-    ServiceKey { addr, port: net_port(f.port), proto: f.protocol.number(), family, slot: 0, _pad: 0 }
+    ServiceKey {
+        addr,
+        port: net_port(f.port),
+        proto: f.protocol.number(),
+        family,
+        slot: 0,
+        _pad: 0,
+    }
 }
 
 pub fn backend_value(addr: SocketAddr, proto: u8) -> Backend {
     let (words, family) = addr_words(addr.ip());
-    Backend { addr: words, port: net_port(addr.port()), proto, family }
+    Backend {
+        addr: words,
+        port: net_port(addr.port()),
+        proto,
+        family,
+    }
 }
 
 fn slot_key(k: &ServiceKey, slot: u16) -> ServiceKey {
@@ -150,9 +174,17 @@ fn slot_key(k: &ServiceKey, slot: u16) -> ServiceKey {
 
 /// The slots 1..=count of a frontend as the maps hold them (missing slots as 0).
 fn current_slots(state: &MapState, key: &ServiceKey) -> Vec<u32> {
-    let Some(head) = state.services.get(key) else { return Vec::new() };
+    let Some(head) = state.services.get(key) else {
+        return Vec::new();
+    };
     (1..=head.count)
-        .map(|s| state.services.get(&slot_key(key, s)).map(|v| v.backend_id).unwrap_or(0))
+        .map(|s| {
+            state
+                .services
+                .get(&slot_key(key, s))
+                .map(|v| v.backend_id)
+                .unwrap_or(0)
+        })
         .collect()
 }
 
@@ -162,7 +194,11 @@ fn current_slots(state: &MapState, key: &ServiceKey) -> Vec<u32> {
 fn assign_slots(current: &[u32], wanted: &[u32]) -> Vec<u32> {
     let want: HashSet<u32> = wanted.iter().copied().collect();
     let n = wanted.len();
-    let mut out: Vec<u32> = current.iter().take(n).map(|id| if want.contains(id) { *id } else { 0 }).collect();
+    let mut out: Vec<u32> = current
+        .iter()
+        .take(n)
+        .map(|id| if want.contains(id) { *id } else { 0 })
+        .collect();
     out.resize(n, 0);
     let placed: HashSet<u32> = out.iter().copied().filter(|id| *id != 0).collect();
     let mut pending = wanted.iter().copied().filter(|id| !placed.contains(id));
@@ -184,7 +220,8 @@ pub fn diff(
 ) -> Changes {
     let mut ch = Changes::default();
 
-    let want_addrs: BTreeSet<NodeAddrKey> = node_addrs.iter().map(|ip| node_addr_key(*ip)).collect();
+    let want_addrs: BTreeSet<NodeAddrKey> =
+        node_addrs.iter().map(|ip| node_addr_key(*ip)).collect();
     for a in want_addrs.difference(&current.node_addrs) {
         ch.prepare.push((None, Op::PutNodeAddr(*a)));
     }
@@ -196,7 +233,10 @@ pub fn diff(
         if k.slot != 0 {
             backend_service.insert(v.backend_id, v.service_id);
             if let Some(b) = current.backends.get(&v.backend_id) {
-                service_backends.entry(v.service_id).or_default().insert(*b, v.backend_id);
+                service_backends
+                    .entry(v.service_id)
+                    .or_default()
+                    .insert(*b, v.backend_id);
             }
         }
     }
@@ -264,11 +304,19 @@ pub fn diff(
         }
         if maglev_on {
             fl |= flags::MAGLEV;
-            let index: HashMap<u32, usize> = wanted_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-            let names: Vec<String> = slots.iter().map(|id| plan.backends[index[id]].to_string()).collect();
+            let index: HashMap<u32, usize> = wanted_ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect();
+            let names: Vec<String> = slots
+                .iter()
+                .map(|id| plan.backends[index[id]].to_string())
+                .collect();
             let table = maglev::table(&names, maglev_m);
             if current.maglev.get(&service_id) != Some(&table) {
-                ch.prepare.push((Some(idx), Op::PutMaglev(service_id, table)));
+                ch.prepare
+                    .push((Some(idx), Op::PutMaglev(service_id, table)));
             }
             kept_maglev.insert(service_id);
         }
@@ -288,7 +336,11 @@ pub fn diff(
             let old_head = current.services.get(fk);
             for (i, id) in slots.iter().enumerate() {
                 let sk = slot_key(fk, (i + 1) as u16);
-                let v = ServiceValue { backend_id: *id, service_id, ..Default::default() };
+                let v = ServiceValue {
+                    backend_id: *id,
+                    service_id,
+                    ..Default::default()
+                };
                 if current.services.get(&sk) != Some(&v) {
                     ch.prepare.push((Some(idx), Op::PutSlot(sk, v)));
                 }
@@ -297,7 +349,10 @@ pub fn diff(
                 ch.commit.push((Some(idx), Op::PutSlot(*fk, head)));
             }
             // Slots past the new count: whatever of them the maps hold.
-            let old_count = old_head.map(|h| h.count).unwrap_or(0).max(slots.len() as u16);
+            let old_count = old_head
+                .map(|h| h.count)
+                .unwrap_or(0)
+                .max(slots.len() as u16);
             for s in (slots.len() as u16 + 1)..=old_count {
                 let sk = slot_key(fk, s);
                 if current.services.contains_key(&sk) {
@@ -326,14 +381,27 @@ pub fn diff(
     for k in stray {
         ch.cleanup.push((None, Op::DelSlot(*k)));
     }
-    let mut old_backends: Vec<u32> = current.backends.keys().copied().filter(|id| !kept_backends.contains(id)).collect();
+    let mut old_backends: Vec<u32> = current
+        .backends
+        .keys()
+        .copied()
+        .filter(|id| !kept_backends.contains(id))
+        .collect();
     old_backends.sort();
     for id in old_backends {
         // Tied to the plan still using it, so that it stays while that plan's commit fails.
-        let owner = backend_service.get(&id).and_then(|s| plan_of_service.get(s)).copied();
+        let owner = backend_service
+            .get(&id)
+            .and_then(|s| plan_of_service.get(s))
+            .copied();
         ch.cleanup.push((owner, Op::DelBackend(id)));
     }
-    let mut old_tables: Vec<u32> = current.maglev.keys().copied().filter(|id| !kept_maglev.contains(id)).collect();
+    let mut old_tables: Vec<u32> = current
+        .maglev
+        .keys()
+        .copied()
+        .filter(|id| !kept_maglev.contains(id))
+        .collect();
     old_tables.sort();
     for id in old_tables {
         ch.cleanup.push((None, Op::DelMaglev(id)));

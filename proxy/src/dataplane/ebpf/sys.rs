@@ -24,12 +24,21 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     }
     let root = Path::new("/sys/fs/bpf");
     if !dir.starts_with(root) {
-        return Err(io::Error::other(format!("{} is not on a bpffs", parent.display())));
+        return Err(io::Error::other(format!(
+            "{} is not on a bpffs",
+            parent.display()
+        )));
     }
     fs::create_dir_all(root)?;
     if !is_bpffs(root)? {
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-            .map_err(io::Error::from)?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .map_err(io::Error::from)?;
         info!(path = "/sys/fs/bpf", "mounted bpffs");
     }
     Ok(())
@@ -56,8 +65,19 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: attr is a zeroed bpf_attr of 128 bytes, larger than any command here needs.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Opens a pinned object (BPF_OBJ_GET).
@@ -103,4 +123,63 @@ pub fn netns_cookie() -> io::Result<u64> {
         }
         Ok(cookie)
     }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Result of a batch call: how many elements the kernel processed, and the error that
+/// stopped it at the next one (if any).
+pub struct BatchResult {
+    pub done: usize,
+    pub error: Option<io::Error>,
+}
+
+fn batch(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> BatchResult {
+    let mut attr = [0u64; 16];
+    // union bpf_attr.batch: in_batch, out_batch, keys, values, count|map_fd, elem_flags, flags
+    attr[2] = keys as u64;
+    attr[3] = values as u64;
+    attr[4] = (count as u32 as u64) | ((fd.as_raw_fd() as u32 as u64) << 32);
+    let r = bpf(cmd, &mut attr);
+    let done = (attr[4] & 0xffff_ffff) as usize;
+    match r {
+        Ok(_) => BatchResult {
+            done: count,
+            error: None,
+        },
+        Err(e) => BatchResult {
+            done: done.min(count),
+            error: Some(e),
+        },
+    }
+}
+
+/// BPF_MAP_UPDATE_BATCH: one system call for many writes (`keys.len() == values.len()`).
+pub fn update_batch<K: Copy, V: Copy>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> BatchResult {
+    assert_eq!(keys.len(), values.len(), "keys and values pair up");
+    batch(
+        BPF_MAP_UPDATE_BATCH,
+        fd,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    )
+}
+
+/// BPF_MAP_DELETE_BATCH.
+pub fn delete_batch<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> BatchResult {
+    batch(
+        BPF_MAP_DELETE_BATCH,
+        fd,
+        keys.as_ptr().cast(),
+        std::ptr::null(),
+        keys.len(),
+    )
 }
