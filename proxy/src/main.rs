@@ -15,8 +15,10 @@ fn init_logging(v: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("capstan_proxy={level},warn"))
     });
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

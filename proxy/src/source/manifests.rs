@@ -42,15 +42,24 @@ impl Object {
 /// fails the whole file.
 pub fn parse(text: &str) -> Result<Vec<Object>, String> {
     let mut out = Vec::new();
+    // JSON (one or more values) takes the fast parser; anything else is YAML.
+    if text.trim_start().starts_with('{') {
+        let values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        for (i, value) in values.enumerate() {
+            let value = value.map_err(|e| format!("document {}: {e}", i + 1))?;
+            collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+        }
+        return Ok(out);
+    }
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value =
-            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+            serde_json::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
         collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
     }
     Ok(out)
 }
 
-fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String> {
+fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String> {
     if value.is_null() {
         return Ok(());
     }
@@ -69,7 +78,7 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             let items = value
                 .get("items")
-                .and_then(|i| i.as_sequence())
+                .and_then(|i| i.as_array())
                 .cloned()
                 .unwrap_or_default();
             for item in items {
@@ -79,20 +88,20 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String
         }
         "Service" => {
             let mut s: Service =
-                serde_yaml::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
+                serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_service(&s).map_err(|e| format!("Service {name}: {e}"))?;
             Object::Service(Box::new(s))
         }
         "EndpointSlice" => {
             let mut s: EndpointSlice =
-                serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
+                serde_json::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_endpoint_slice(&s).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             Object::EndpointSlice(Box::new(s))
         }
         "Node" => Object::Node(Box::new(
-            serde_yaml::from_value(value).map_err(|e| format!("Node {name}: {e}"))?,
+            serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?,
         )),
         other => {
             debug!(
