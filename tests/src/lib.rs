@@ -14,6 +14,9 @@
 //!   name and the client address it saw) and `capstan-probe` (a client driven line by line over
 //!   stdin, wrapped by [`Probe`]).
 //! * [`bin_path`] finds (and if needed builds) those binaries and the agent `capstan-proxy`.
+//! * [`proxy`] — the fixture of the agent's integration tests (`tests/proxy_*.rs`): a node
+//!   with backend pods, a client in the cgroup, a manifest directory with small builders
+//!   for Services and EndpointSlices, and the agent started, stopped and restarted.
 //!
 //! ## Safety rules the harness follows
 //!
@@ -55,6 +58,8 @@
 //! addresses, by default `10.200.0.<n>` / `fd00:200::<n>`). Connecting two nodes later only
 //! needs one more method that adds a veth pair between two node namespaces plus `/32`/`/128`
 //! routes to the other node's addresses and pods; nothing else has to change.
+
+pub mod proxy;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use std::collections::BTreeMap;

@@ -73,6 +73,8 @@ where
 }
 
 pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Result<()> {
+    // Trigger times from before this moment belong to changes made before we ran.
+    let started = std::time::SystemTime::now();
     let client = client(&conn).await?;
     let (services, s1) = reflect(
         Api::<Service>::all(client.clone()),
@@ -106,17 +108,19 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
         endpoint_slices = slices.state().len(),
         "initial lists received"
     );
-    let publish = |tx: &Sender| {
-        let snapshot = Snapshot {
+    let mut previous: Option<Arc<Snapshot>> = None;
+    let mut publish = |tx: &Sender| {
+        let snapshot = Arc::new(Snapshot {
             services: services.state().iter().map(|s| (**s).clone()).collect(),
             endpoint_slices: slices.state().iter().map(|s| (**s).clone()).collect(),
             nodes: nodes.state().iter().map(|s| (**s).clone()).collect(),
-        };
+        });
         let update = Update {
-            trigger_time: trigger_time(&snapshot),
-            snapshot: Arc::new(snapshot),
+            trigger_time: trigger_time(previous.as_deref(), &snapshot, started),
+            snapshot: snapshot.clone(),
             observed_at: Instant::now(),
         };
+        previous = Some(snapshot);
         tx.send(Some(update)).is_ok()
     };
     if !publish(&tx) {

@@ -42,14 +42,19 @@ impl Object {
 /// fails the whole file.
 pub fn parse(text: &str) -> Result<Vec<Object>, String> {
     let mut out = Vec::new();
-    // JSON (one or more values) takes the fast parser; anything else is YAML.
+    // JSON (one or more values) takes the fast parser; anything else is YAML. Text that
+    // only looks like JSON (`{...}` documents separated by `---`, a YAML flow mapping such
+    // as `{kind: Service, ...}`) is valid YAML, so it falls through to the YAML parser.
     if text.trim_start().starts_with('{') {
-        let values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
-        for (i, value) in values.enumerate() {
-            let value = value.map_err(|e| format!("document {}: {e}", i + 1))?;
-            collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let values: Result<Vec<serde_json::Value>, _> = serde_json::Deserializer::from_str(text)
+            .into_iter::<serde_json::Value>()
+            .collect();
+        if let Ok(values) = values {
+            for (i, value) in values.into_iter().enumerate() {
+                collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+            }
+            return Ok(out);
         }
-        return Ok(out);
     }
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value =
@@ -118,8 +123,25 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
     Ok(())
 }
 
+/// What identifies one version of a file: modification time and size alone are not enough
+/// (`cp -p`, `rsync -t` or `tar x` put a new version in place with the old mtime, and a
+/// same-size rewrite within one timestamp tick keeps both), so the inode (a file renamed
+/// into place is a new one) and the change time (which no tool can set back) count too.
+type Stamp = (SystemTime, u64, u64, i64, i64);
+
+fn stamp_of(meta: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        meta.len(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+}
+
 struct FileState {
-    stamp: (SystemTime, u64),
+    stamp: Stamp,
     objects: Vec<Object>,
 }
 
@@ -163,10 +185,7 @@ impl ManifestDir {
                 continue;
             }
             present.insert(path.clone());
-            let stamp = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
+            let stamp = stamp_of(&meta);
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
@@ -236,17 +255,20 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     info!(dir = %dir.display(), "watching manifests");
     let mut first = true;
+    let started = SystemTime::now();
+    let mut previous: Option<Arc<Snapshot>> = None;
     let mut rescan = tokio::time::interval(Duration::from_secs(2));
     loop {
         match md.refresh() {
             Ok(changed) if changed || first => {
                 first = false;
-                let snapshot = md.snapshot();
+                let snapshot = Arc::new(md.snapshot());
                 let update = Update {
-                    trigger_time: trigger_time(&snapshot),
-                    snapshot: Arc::new(snapshot),
+                    trigger_time: trigger_time(previous.as_deref(), &snapshot, started),
+                    snapshot: snapshot.clone(),
                     observed_at: Instant::now(),
                 };
+                previous = Some(snapshot);
                 if tx.send(Some(update)).is_err() {
                     return Ok(());
                 }
@@ -299,6 +321,30 @@ endpoints:
     }
 
     #[test]
+    fn parses_json_documents_separated_by_document_markers() {
+        // JSON is YAML: `kubectl get -o json` output joined with `---` is a valid stream.
+        let a = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.96.0.11","ports":[{"port":53,"protocol":"UDP"}]}}"#;
+        let b = a
+            .replace("\"a\"", "\"b\"")
+            .replace("10.96.0.11", "10.96.0.12");
+        let pretty = |s: &str| {
+            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(s).unwrap())
+                .unwrap()
+        };
+        let flow = "{apiVersion: v1, kind: Service, metadata: {name: c}, spec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}}";
+        assert_eq!(parse(flow).unwrap().len(), 1);
+        assert_eq!(parse(&format!("{flow}\n---\n{a}\n")).unwrap().len(), 2);
+        for text in [
+            format!("{a}\n---\n{b}\n"),
+            format!("{}\n---\n{}\n", pretty(a), pretty(&b)),
+            format!("---\n{}\n---\n{}\n", pretty(a), pretty(&b)),
+        ] {
+            let objs = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+            assert_eq!(objs.len(), 2, "{text}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_input_with_a_reason() {
         for (bad, why) in [
             (
@@ -322,6 +368,34 @@ endpoints:
             let e = parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_new_version_with_the_same_size_and_mtime_is_reloaded() {
+        let dir = std::env::temp_dir().join(format!("capstan-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.yaml");
+        std::fs::write(&path, SVC).unwrap();
+        let mut md = ManifestDir::new(&dir);
+        assert!(md.refresh().unwrap());
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // `cp -p` style: same length, old mtime, renamed into place.
+        let tmp = dir.join(".a.yaml.tmp");
+        std::fs::write(&tmp, SVC.replace("10.96.0.10", "10.96.0.20")).unwrap();
+        let f = std::fs::File::options().write(true).open(&tmp).unwrap();
+        f.set_modified(mtime).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(md.refresh().unwrap());
+        let ip = md.snapshot().services[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .cluster_ip
+            .clone();
+        assert_eq!(ip.as_deref(), Some("10.96.0.20"));
+        assert!(!md.refresh().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
