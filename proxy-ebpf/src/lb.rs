@@ -141,7 +141,11 @@ pub fn select(key: &ServiceKey, svc: &ServiceValue, client: &Client) -> Verdict 
             let (id, last) = unsafe { ((*a).backend_id, (*a).last_used_ns) };
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
             if now.wrapping_sub(last) <= timeout_ns {
-                if let Some(b) = BACKENDS.get_ptr(&id) {
+                // Only a backend of this Service: ids of removed backends can be reused.
+                if let Some(b) = BACKENDS
+                    .get_ptr(&id)
+                    .filter(|b| unsafe { (**b).service_id } == svc.service_id)
+                {
                     unsafe { (*a).last_used_ns = now };
                     count(counter::AFFINITY_HIT);
                     return Verdict::Translate(unsafe { *b }, svc.service_id);
@@ -207,4 +211,20 @@ pub fn recall(cookie: u64, peer: &Addr, port: u16) -> Option<ReverseValue> {
         _pad: [0; 5],
     };
     REVERSE.get_ptr(&k).map(|v| unsafe { *v })
+}
+
+/// Whether a destination lies in a Service CIDR (and, not being a frontend, is refused).
+#[inline(always)]
+pub fn in_service_cidr(dst: &Addr) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key {
+        prefix_len: 32 + if dst.family == FAMILY_V4 { 32 } else { 128 },
+        data: [
+            dst.family as u32,
+            dst.addr[0],
+            dst.addr[1],
+            dst.addr[2],
+            dst.addr[3],
+        ],
+    };
+    SERVICE_CIDRS.get(&key).is_some()
 }

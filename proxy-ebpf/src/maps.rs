@@ -2,7 +2,7 @@
 //! the agent sets the real ones from its flags before loading.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use capstan_proxy_common::*;
 
@@ -31,6 +31,11 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 
 #[map(name = "CS_NODEADDR_V1")]
 pub static NODE_ADDRS: HashMap<NodeAddrKey, u32> = HashMap::pinned(DEFAULT_NODE_ADDRS_MAX, 0);
+
+/// Value: unused (1).
+#[map(name = "CS_SVCCIDR_V1")]
+pub static SERVICE_CIDRS: LpmTrie<[u32; 5], u32> =
+    LpmTrie::pinned(SERVICE_CIDRS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CS_CONFIG_V1")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

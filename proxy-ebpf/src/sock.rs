@@ -101,6 +101,13 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let port = unsafe { (*sa).user_port } as u16;
     let netns_cookie = || unsafe { bpf_get_netns_cookie(ctx_ptr(ctx)) };
     let Some((key, svc)) = lb::lookup_frontend(&dst, port, proto, netns_cookie) else {
+        // A Service address nobody serves (a deleted Service, a wrong port): refused at
+        // once instead of routed nowhere.
+        if lb::in_service_cidr(&dst) {
+            crate::maps::count(counter::REFUSED_UNKNOWN_FRONTEND);
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return DENY;
+        }
         return ALLOW;
     };
     let client = Client {

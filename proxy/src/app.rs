@@ -110,6 +110,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         cgroup: cgroup.clone(),
         sizes: settings.sizes,
         maglev_m: settings.maglev_m,
+        service_cidrs: settings.service_cidrs.clone(),
     };
     let dp = ebpf::EbpfDataplane::start(&opts).context("starting the eBPF data plane")?;
     info!(node = %settings.node_name, cgroup = %cgroup.display(), "capstan-proxy running in ebpf mode");

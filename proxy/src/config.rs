@@ -62,6 +62,10 @@ pub struct Flags {
     /// Log verbosity, as kube-proxy's -v (0-2 info, 4 debug, 6 trace).
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     pub verbosity: u8,
+    /// Service CIDRs (comma-separated, as kube-apiserver's flag): a connection to an address
+    /// in them that no Service serves is refused at once instead of routed nowhere.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cluster_ip_range: Vec<IpNet>,
     /// How often the full state is re-checked against the maps (e.g. 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub sync_period: Option<Duration>,
@@ -119,6 +123,7 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     pub sync_period: Duration,
     pub service_proxy_name: Option<String>,
+    pub service_cidrs: Vec<IpNet>,
     pub bpffs_dir: PathBuf,
     pub cgroup_path: Option<PathBuf>,
     pub algorithm: Algorithm,
@@ -323,6 +328,11 @@ impl Flags {
             metrics,
             sync_period,
             service_proxy_name: self.service_proxy_name.clone(),
+            service_cidrs: self
+                .service_cluster_ip_range
+                .iter()
+                .map(|n| n.trunc())
+                .collect(),
             bpffs_dir: self.bpffs_dir.clone(),
             cgroup_path: self.cgroup_path.clone(),
             algorithm: match self.lb_algorithm {

@@ -165,7 +165,14 @@ fn services_added_deleted_recreated() -> Result<()> {
 /// connect timeout).
 #[test]
 fn deleted_service_is_refused_at_once() -> Result<()> {
-    let fx = ProxyFixture::new()?;
+    // With the Service CIDR known, an address in it that no Service serves is refused.
+    let fx = ProxyFixture::with(FixtureOptions {
+        agent_args: vec![
+            "--service-cluster-ip-range".into(),
+            "10.96.2.0/24,fd00:96::2:0/112".into(),
+        ],
+        ..Default::default()
+    })?;
     fx.write("gone.yaml", &svc_docs(&fx, "gone", "10.96.2.110", &[0, 1]))?;
     fx.write("stays.yaml", &svc_docs(&fx, "stays", "10.96.2.111", &[0]))?;
     let vip = sa(ip("10.96.2.110"), 80);

@@ -46,7 +46,11 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    if v.is_empty() { 0.0 } else { v[((v.len() - 1) as f64 * p).round() as usize] }
+    if v.is_empty() {
+        0.0
+    } else {
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
 }
 
 /// `n` filler Services with 10 (unreachable) endpoints each, as one JSON List.
@@ -108,20 +112,33 @@ fn synced_lines(agent: &Proc) -> Vec<(usize, usize, u64)> {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            (field("frontends") as usize, field("writes") as usize, field("took_us"))
+            (
+                field("frontends") as usize,
+                field("writes") as usize,
+                field("took_us"),
+            )
         })
         .collect()
 }
 
 /// Waits for a sync that leaves `frontends` frontends; returns (sync µs, wall time).
-fn wait_synced(agent: &Proc, seen: usize, frontends: usize, start: Instant, timeout: Duration) -> Result<(u64, Duration)> {
+fn wait_synced(
+    agent: &Proc,
+    seen: usize,
+    frontends: usize,
+    start: Instant,
+    timeout: Duration,
+) -> Result<(u64, Duration)> {
     loop {
         let lines = synced_lines(agent);
         if let Some((_, _, took)) = lines.iter().skip(seen).find(|(f, _, _)| *f == frontends) {
             return Ok((*took, start.elapsed()));
         }
         if start.elapsed() > timeout {
-            bail!("no sync to {frontends} frontends within {timeout:?}\n{}", agent.log());
+            bail!(
+                "no sync to {frontends} frontends within {timeout:?}\n{}",
+                agent.log()
+            );
         }
         if !agent.is_running() {
             bail!("the agent exited\n{}", agent.log());
@@ -152,7 +169,11 @@ struct Rr {
 
 fn rr(topo: &Topology, netns: &str, addr: &str, seconds: f64) -> Result<Rr> {
     let bench = bin_path("capstan-bench")?;
-    let out = topo.spawn(netns, true, Command::new(&bench).args(["rr", addr, &seconds.to_string()]))?;
+    let out = topo.spawn(
+        netns,
+        true,
+        Command::new(&bench).args(["rr", addr, &seconds.to_string()]),
+    )?;
     out.wait_timeout(Duration::from_secs_f64(seconds + 30.0))?;
     let line = out.stdout();
     let field = |k: &str| -> f64 {
@@ -164,13 +185,32 @@ fn rr(topo: &Topology, netns: &str, addr: &str, seconds: f64) -> Result<Rr> {
     if field("requests") == 0.0 {
         bail!("no request succeeded to {addr}: {line} {}", out.log());
     }
-    Ok(Rr { rate: field("rate"), p50: field("p50_us"), p99: field("p99_us"), errors: field("errors") as u64 })
+    Ok(Rr {
+        rate: field("rate"),
+        p50: field("p50_us"),
+        p99: field("p99_us"),
+        errors: field("errors") as u64,
+    })
 }
 
 pub fn run(root: &Path, which: Which) -> Result<()> {
-    let Which::Clusterip { counts, seconds, rounds, changes, json: json_path } = which;
+    let Which::Clusterip {
+        counts,
+        seconds,
+        rounds,
+        changes,
+        json: json_path,
+    } = which;
     require_root();
-    run_cmd(cargo().current_dir(root).args(["build", "--release", "-p", "capstan-proxy", "-p", "capstan-tests", "--bins"]))?;
+    run_cmd(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "capstan-proxy",
+        "-p",
+        "capstan-tests",
+        "--bins",
+    ]))?;
     // SAFETY: single-threaded here; the harness reads it when it looks for binaries.
     unsafe { std::env::set_var(capstan_tests::ENV_BIN_DIR, root.join("target/release")) };
 
@@ -178,11 +218,24 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     let node = topo.node("node1")?;
     let b1 = topo.pod(&node, "b1", "10.244.1.10".parse()?, "fd00:244::10".parse()?)?;
     let b2 = topo.pod(&node, "b2", "10.244.1.11".parse()?, "fd00:244::11".parse()?)?;
-    let client = topo.pod(&node, "client", "10.244.1.20".parse()?, "fd00:244::20".parse()?)?;
+    let client = topo.pod(
+        &node,
+        "client",
+        "10.244.1.20".parse()?,
+        "fd00:244::20".parse()?,
+    )?;
     let bench = bin_path("capstan-bench")?;
-    let s1 = topo.spawn(b1.netns(), false, Command::new(&bench).args(["serve", "b1", "0.0.0.0:8080"]))?;
+    let s1 = topo.spawn(
+        b1.netns(),
+        false,
+        Command::new(&bench).args(["serve", "b1", "0.0.0.0:8080"]),
+    )?;
     s1.wait_for_line("ready", Duration::from_secs(10))?;
-    let s2 = topo.spawn(b2.netns(), false, Command::new(&bench).args(["serve", "b2", "0.0.0.0:8080"]))?;
+    let s2 = topo.spawn(
+        b2.netns(),
+        false,
+        Command::new(&bench).args(["serve", "b2", "0.0.0.0:8080"]),
+    )?;
     s2.wait_for_line("ready", Duration::from_secs(10))?;
 
     let dir = topo.scratch_dir().join("manifests");
@@ -190,10 +243,24 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     let max = counts.iter().copied().max().unwrap_or(1);
     let map_size = ((max + 1) * (ENDPOINTS_PER_SERVICE + 1) + 1024) as u32;
     let mut cmd = Command::new(bin_path("capstan-proxy")?);
-    cmd.arg("--manifests").arg(&dir).arg("--bpffs-dir").arg(topo.bpffs_dir()).arg("--cgroup-path").arg(topo.cgroup_path());
-    cmd.args(["--hostname-override", "node1", "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249"]);
-    cmd.arg("--bpf-lb-service-map-max").arg(map_size.to_string());
-    cmd.arg("--bpf-lb-backend-map-max").arg(map_size.to_string());
+    cmd.arg("--manifests")
+        .arg(&dir)
+        .arg("--bpffs-dir")
+        .arg(topo.bpffs_dir())
+        .arg("--cgroup-path")
+        .arg(topo.cgroup_path());
+    cmd.args([
+        "--hostname-override",
+        "node1",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+    ]);
+    cmd.arg("--bpf-lb-service-map-max")
+        .arg(map_size.to_string());
+    cmd.arg("--bpf-lb-backend-map-max")
+        .arg(map_size.to_string());
     let agent = topo.spawn(node.netns(), false, &mut cmd)?;
     crate::wait_for_log(&agent, "watching manifests", Duration::from_secs(20))?;
     let direct = "10.244.1.10:8080";
@@ -229,8 +296,11 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             write_atomic(&dir, "target.json", &target("10.244.1.10"))?;
             current_backend = "b1";
         }
-        capstan_tests::wait_until(Duration::from_secs(30), || Ok(rr(&topo, client.netns(), &vip, 0.05).is_ok()))?;
-        let (mut d_rate, mut d_p50, mut d_p99, mut c_rate, mut c_p50, mut c_p99) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        capstan_tests::wait_until(Duration::from_secs(30), || {
+            Ok(rr(&topo, client.netns(), &vip, 0.05).is_ok())
+        })?;
+        let (mut d_rate, mut d_p50, mut d_p99, mut c_rate, mut c_p50, mut c_p99) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut errors = 0;
         for _ in 0..rounds {
             let d = rr(&topo, client.netns(), direct, seconds)?;
@@ -246,13 +316,27 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         // EndpointSlice change -> data path: flip the target between b1 and b2.
         let mut lat_ms = Vec::new();
         for _ in 0..changes {
-            let (next, addr) = if current_backend == "b1" { ("b2", "10.244.1.11") } else { ("b1", "10.244.1.10") };
-            let watcher = topo.spawn(client.netns(), true, Command::new(&bench).args(["until", &vip, next, "10000"]))?;
+            let (next, addr) = if current_backend == "b1" {
+                ("b2", "10.244.1.11")
+            } else {
+                ("b1", "10.244.1.10")
+            };
+            let watcher = topo.spawn(
+                client.netns(),
+                true,
+                Command::new(&bench).args(["until", &vip, next, "10000"]),
+            )?;
             watcher.wait_for_line("ready", Duration::from_secs(10))?;
             let t0 = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
             write_atomic(&dir, "target.json", &target(addr))?;
-            let line = watcher.wait_for_line("at_ns=", Duration::from_secs(15)).with_context(|| agent.log())?;
-            let at: u128 = line.trim().trim_start_matches("at_ns=").parse().context("at_ns")?;
+            let line = watcher
+                .wait_for_line("at_ns=", Duration::from_secs(15))
+                .with_context(|| agent.log())?;
+            let at: u128 = line
+                .trim()
+                .trim_start_matches("at_ns=")
+                .parse()
+                .context("at_ns")?;
             lat_ms.push((at.saturating_sub(t0)) as f64 / 1e6);
             current_backend = next;
         }
@@ -273,17 +357,52 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         results.push(r);
     }
 
-    let _ = writeln!(report, "capstan bench clusterip: {rounds} alternating rounds of {seconds} s per path, medians; {ENDPOINTS_PER_SERVICE} endpoints per filler Service");
-    let _ = writeln!(report, "{:>8} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6} | {:>9} | {:>12} {:>12} | {:>9}",
-        "services", "direct/s", "p50 µs", "p99 µs", "cluster/s", "p50 µs", "p99 µs", "ratio", "sync ms", "change p50ms", "change p99ms", "rss MiB");
+    let _ = writeln!(
+        report,
+        "capstan bench clusterip: {rounds} alternating rounds of {seconds} s per path, medians; {ENDPOINTS_PER_SERVICE} endpoints per filler Service"
+    );
+    let _ = writeln!(
+        report,
+        "{:>8} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6} | {:>9} | {:>12} {:>12} | {:>9}",
+        "services",
+        "direct/s",
+        "p50 µs",
+        "p99 µs",
+        "cluster/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio",
+        "sync ms",
+        "change p50ms",
+        "change p99ms",
+        "rss MiB"
+    );
     for r in &results {
         let f = |p: &str| r.pointer(p).and_then(|v| v.as_f64()).unwrap_or(0.0);
-        let _ = writeln!(report, "{:>8} | {:>10.0} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>6.3} | {:>9.1} | {:>12.2} {:>12.2} | {:>9.1}",
-            f("/services"), f("/direct/rate"), f("/direct/p50_us"), f("/direct/p99_us"), f("/clusterip/rate"), f("/clusterip/p50_us"), f("/clusterip/p99_us"),
-            f("/ratio"), f("/sync_us") / 1e3, f("/slice_change_ms/p50"), f("/slice_change_ms/p99"), f("/agent_rss_kib") / 1024.0);
+        let _ = writeln!(
+            report,
+            "{:>8} | {:>10.0} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>6.3} | {:>9.1} | {:>12.2} {:>12.2} | {:>9.1}",
+            f("/services"),
+            f("/direct/rate"),
+            f("/direct/p50_us"),
+            f("/direct/p99_us"),
+            f("/clusterip/rate"),
+            f("/clusterip/p50_us"),
+            f("/clusterip/p99_us"),
+            f("/ratio"),
+            f("/sync_us") / 1e3,
+            f("/slice_change_ms/p50"),
+            f("/slice_change_ms/p99"),
+            f("/agent_rss_kib") / 1024.0
+        );
     }
-    let _ = writeln!(report, "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync (model + maps), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
-        prog_sync_us as f64 / 1e3, prog_wall.as_secs_f64() * 1e3, text.len() / 1_000_000);
+    let _ = writeln!(
+        report,
+        "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync (model + maps), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
+        prog_sync_us as f64 / 1e3,
+        prog_wall.as_secs_f64() * 1e3,
+        text.len() / 1_000_000
+    );
     print!("{report}");
     let out = json!({"results": results, "program_10k_from_nothing": {"sync_ms": prog_sync_us as f64 / 1e3, "wall_ms": prog_wall.as_secs_f64() * 1e3}});
     let path = root.join(json_path);

@@ -48,12 +48,34 @@ spec:
 
 pub fn run(root: &Path) -> Result<()> {
     require_root();
-    run_cmd(cargo().current_dir(root).args(["build", "-p", "capstan-proxy", "-p", "capstan-tests", "--bins"]))?;
+    run_cmd(cargo().current_dir(root).args([
+        "build",
+        "-p",
+        "capstan-proxy",
+        "-p",
+        "capstan-tests",
+        "--bins",
+    ]))?;
     let topo = Topology::new()?;
     let node = topo.node("node1")?;
-    let a = topo.pod(&node, "backend-a", "10.244.1.10".parse()?, "fd00:244::10".parse()?)?;
-    let b = topo.pod(&node, "backend-b", "10.244.1.11".parse()?, "fd00:244::11".parse()?)?;
-    let client = topo.pod(&node, "client", "10.244.1.20".parse()?, "fd00:244::20".parse()?)?;
+    let a = topo.pod(
+        &node,
+        "backend-a",
+        "10.244.1.10".parse()?,
+        "fd00:244::10".parse()?,
+    )?;
+    let b = topo.pod(
+        &node,
+        "backend-b",
+        "10.244.1.11".parse()?,
+        "fd00:244::11".parse()?,
+    )?;
+    let client = topo.pod(
+        &node,
+        "client",
+        "10.244.1.20".parse()?,
+        "fd00:244::20".parse()?,
+    )?;
     let tcp = ["0.0.0.0:8080".parse()?, "[::]:8080".parse()?];
     let udp = ["0.0.0.0:5353".parse()?, "[::]:5353".parse()?];
     let _ea = topo.spawn_echo(a.netns(), false, "backend-a", &tcp, &udp)?;
@@ -69,17 +91,36 @@ pub fn run(root: &Path) -> Result<()> {
         .arg(topo.bpffs_dir())
         .arg("--cgroup-path")
         .arg(topo.cgroup_path())
-        .args(["--hostname-override", "node1", "--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249"]);
-    println!("$ capstan-proxy --manifests {} --bpffs-dir {} --cgroup-path {}", dir.display(), topo.bpffs_dir().display(), topo.cgroup_path().display());
+        .args([
+            "--hostname-override",
+            "node1",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ]);
+    println!(
+        "$ capstan-proxy --manifests {} --bpffs-dir {} --cgroup-path {}",
+        dir.display(),
+        topo.bpffs_dir().display(),
+        topo.cgroup_path().display()
+    );
     let agent = topo.spawn(node.netns(), false, &mut cmd)?;
     crate::wait_for_log(&agent, "synced", Duration::from_secs(20))?;
-    println!("capstan-proxy is running; Service demo/web has ClusterIPs 10.96.0.10 and fd00:96::10\n");
+    println!(
+        "capstan-proxy is running; Service demo/web has ClusterIPs 10.96.0.10 and fd00:96::10\n"
+    );
 
     let probe = topo.probe(client.netns(), true)?;
     for target in ["10.96.0.10:80", "[fd00:96::10]:80"] {
         for _ in 0..4 {
             let r = probe.tcp(target.parse()?)?;
-            ensure!(r.ok, "request to {target} failed: {}\n{}", r.raw, agent.log());
+            ensure!(
+                r.ok,
+                "request to {target} failed: {}\n{}",
+                r.raw,
+                agent.log()
+            );
             println!(
                 "tcp {target:<18} -> answered by {:<10} (the backend saw the client as {}, the client sees its peer as {})",
                 r.backend.as_deref().unwrap_or("?"),
@@ -90,12 +131,27 @@ pub fn run(root: &Path) -> Result<()> {
     }
     let r = probe.udp("10.96.0.10:53".parse()?)?;
     ensure!(r.ok, "UDP request failed: {}", r.raw);
-    println!("udp 10.96.0.10:53     -> answered by {:<10} (reply came from {})", r.backend.as_deref().unwrap_or("?"), r.from.as_deref().unwrap_or("?"));
+    println!(
+        "udp 10.96.0.10:53     -> answered by {:<10} (reply came from {})",
+        r.backend.as_deref().unwrap_or("?"),
+        r.from.as_deref().unwrap_or("?")
+    );
     let r = probe.tcp("10.96.0.20:80".parse()?)?;
-    ensure!(!r.ok && r.errno.as_deref() == Some("ECONNREFUSED"), "expected ECONNREFUSED: {}", r.raw);
-    println!("tcp 10.96.0.20:80     -> {} after {} µs (Service without endpoints: refused at once)", r.errno.as_deref().unwrap_or("?"), r.micros);
+    ensure!(
+        !r.ok && r.errno.as_deref() == Some("ECONNREFUSED"),
+        "expected ECONNREFUSED: {}",
+        r.raw
+    );
+    println!(
+        "tcp 10.96.0.20:80     -> {} after {} µs (Service without endpoints: refused at once)",
+        r.errno.as_deref().unwrap_or("?"),
+        r.micros
+    );
     let loop_summary = probe.loop_tcp("10.96.0.10:80".parse()?, 1000)?;
-    println!("\n1000 connections to 10.96.0.10:80: {} failed, spread {:?}", loop_summary.fail, loop_summary.backends);
+    println!(
+        "\n1000 connections to 10.96.0.10:80: {} failed, spread {:?}",
+        loop_summary.fail, loop_summary.backends
+    );
     let health = topo.sh(node.netns(), "curl -s http://127.0.0.1:10256/healthz")?;
     println!("healthz: {health}");
     println!("\nDemo done; tearing the namespaces down.");

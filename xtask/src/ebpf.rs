@@ -20,7 +20,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    Ok(PathBuf::from(output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?))
+    Ok(PathBuf::from(output(
+        Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+    )?))
 }
 
 fn home() -> PathBuf {
@@ -29,15 +31,24 @@ fn home() -> PathBuf {
 
 /// rust-src for the nightly, and bpf-linker linked against the nightly's own LLVM.
 pub fn ensure_toolchain() -> Result<()> {
-    let sysroot = nightly_sysroot().context("the nightly toolchain is needed for the eBPF build")?;
+    let sysroot =
+        nightly_sysroot().context("the nightly toolchain is needed for the eBPF build")?;
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         eprintln!("xtask: installing rust-src for the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false);
     if linker_ok {
         return Ok(());
@@ -46,10 +57,23 @@ pub fn ensure_toolchain() -> Result<()> {
     // nightly's own library (the shared object, not the linker script next to it).
     let lib = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .context("the nightly toolchain has no libLLVM.so.*")?;
-    let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-    let major = name.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or_default().to_string();
+    let name = lib
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let major = name
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let prefix = home().join(".local/share/capstan/llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
@@ -57,7 +81,16 @@ pub fn ensure_toolchain() -> Result<()> {
     std::os::unix::fs::symlink(&lib, &link)?;
     eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM {major} ({name})");
     run(cargo()
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))
 }
@@ -67,7 +100,9 @@ pub fn ensure_toolchain() -> Result<()> {
 pub fn build(root: &Path, check: bool) -> Result<()> {
     let target_dir = root.join("target/ebpf");
     let sysroot = nightly_sysroot()?;
-    let cargo_home = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo"));
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| home().join(".cargo"));
     let flags = [
         format!("--remap-path-prefix={}=/capstan", root.display()),
         format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
@@ -76,7 +111,19 @@ pub fn build(root: &Path, check: bool) -> Result<()> {
     .join("\x1f");
     run(Command::new("rustup")
         .current_dir(root)
-        .args(["run", "nightly", "cargo", "build", "-p", "capstan-proxy-ebpf", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "-p",
+            "capstan-proxy-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
@@ -94,9 +141,12 @@ pub fn build(root: &Path, check: bool) -> Result<()> {
     }
     let committed = root.join(OBJECT);
     if check {
-        let old = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
+        let old = std::fs::read(&committed)
+            .with_context(|| format!("reading {}", committed.display()))?;
         if old != fresh {
-            bail!("{OBJECT} is stale: it differs from a fresh build of proxy-ebpf/. Run `cargo xtask build-ebpf` and commit it.");
+            bail!(
+                "{OBJECT} is stale: it differs from a fresh build of proxy-ebpf/. Run `cargo xtask build-ebpf` and commit it."
+            );
         }
         eprintln!("xtask: {OBJECT} matches the source ({} bytes)", fresh.len());
     } else {

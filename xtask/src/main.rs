@@ -54,7 +54,11 @@ pub fn cargo() -> Command {
 }
 
 /// Waits until a process's stderr (where capstan-proxy logs) has a line containing `needle`.
-pub fn wait_for_log(p: &capstan_tests::Proc, needle: &str, timeout: std::time::Duration) -> Result<()> {
+pub fn wait_for_log(
+    p: &capstan_tests::Proc,
+    needle: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     while !p.stderr().contains(needle) {
         if std::time::Instant::now() > deadline || !p.is_running() {
@@ -79,8 +83,14 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Build => ebpf::ensure_toolchain()
             .and_then(|_| ebpf::build(&root, false))
-            .and_then(|_| run(cargo().current_dir(&root).args(["build", "--release", "--workspace"]))),
-        Cmd::BuildEbpf { check } => ebpf::ensure_toolchain().and_then(|_| ebpf::build(&root, check)),
+            .and_then(|_| {
+                run(cargo()
+                    .current_dir(&root)
+                    .args(["build", "--release", "--workspace"]))
+            }),
+        Cmd::BuildEbpf { check } => {
+            ebpf::ensure_toolchain().and_then(|_| ebpf::build(&root, check))
+        }
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo::run(&root),
         Cmd::Bench { which } => bench::run(&root, which),
@@ -98,9 +108,17 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
     ebpf::ensure_toolchain()?;
     ebpf::build(root, true)?;
     // The integration tests run the real binaries: build them first so none is stale.
-    run(cargo().current_dir(root).args(["build", "-p", "capstan-proxy", "-p", "capstan-tests", "--bins"]))?;
+    run(cargo().current_dir(root).args([
+        "build",
+        "-p",
+        "capstan-proxy",
+        "-p",
+        "capstan-tests",
+        "--bins",
+    ]))?;
     let mut cmd = cargo();
-    cmd.current_dir(root).args(["test", "--workspace", "--no-fail-fast"]);
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }

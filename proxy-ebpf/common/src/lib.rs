@@ -24,6 +24,7 @@ pub const AFFINITY_MAP: &str = "CS_AFFINITY_V1";
 pub const MAGLEV_MAP: &str = "CS_MAGLEV_V1";
 pub const NODE_ADDRS_MAP: &str = "CS_NODEADDR_V1";
 pub const CONFIG_MAP: &str = "CS_CONFIG_V1";
+pub const SERVICE_CIDRS_MAP: &str = "CS_SVCCIDR_V1";
 pub const COUNTERS_MAP: &str = "CS_COUNT_V1";
 
 /// Names of the socket programs, one per cgroup hook (kernel object names are at most
@@ -46,6 +47,7 @@ pub const DEFAULT_REVERSE_MAX: u32 = 1 << 18;
 pub const DEFAULT_AFFINITY_MAX: u32 = 1 << 16;
 pub const DEFAULT_MAGLEV_MAX: u32 = 1024;
 pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
+pub const SERVICE_CIDRS_MAX: u32 = 64;
 
 /// Largest Maglev table a frontend may use (Cilium's default M). Tables are sized per
 /// Service up to this, with a prime M chosen by the agent.
@@ -104,6 +106,9 @@ pub struct Backend {
     pub port: u16,
     pub proto: u8,
     pub family: u8,
+    /// The Service port this backend belongs to: an affinity entry is honoured only for
+    /// a backend of the same Service.
+    pub service_id: u32,
 }
 
 /// Key of the reverse map: the socket and the backend it was sent to, so recvmsg and
@@ -156,6 +161,16 @@ pub struct NodeAddrKey {
     pub _pad: [u8; 3],
 }
 
+/// Key of the Service CIDR trie (`bpf_lpm_trie_key` layout): a destination inside a
+/// Service CIDR that is no frontend is refused at once, as kube-proxy's nftables mode does.
+/// `data[0]` is the family, so the prefix length is 32 + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceCidrKey {
+    pub prefix_len: u32,
+    pub data: [u32; 5],
+}
+
 /// A frontend's Maglev lookup table: `table[hash % m]` is a backend slot (1-based).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -181,7 +196,8 @@ pub mod counter {
     pub const AFFINITY_HIT: u32 = 2;
     pub const REVERSE_FULL: u32 = 3;
     pub const SLOT_MISS: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const REFUSED_UNKNOWN_FRONTEND: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 #[cfg(feature = "user")]
@@ -197,6 +213,7 @@ mod pod {
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceCidrKey {}
 }
 
 #[cfg(test)]
@@ -209,7 +226,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 16);
-        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<ServiceCidrKey>(), 24);
         assert_eq!(size_of::<ReverseKey>(), 32);
         assert_eq!(size_of::<ReverseValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 16);

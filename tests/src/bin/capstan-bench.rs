@@ -14,12 +14,17 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn usage() -> ! {
-    eprintln!("usage: capstan-bench serve NAME ADDR... | rr ADDR SECONDS | until ADDR NAME TIMEOUT_MS");
+    eprintln!(
+        "usage: capstan-bench serve NAME ADDR... | rr ADDR SECONDS | until ADDR NAME TIMEOUT_MS"
+    );
     std::process::exit(2)
 }
 
 fn set_linger_zero(s: &TcpStream) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid socket and option buffer.
     unsafe {
         libc::setsockopt(
@@ -107,7 +112,13 @@ fn rr(addr: SocketAddr, seconds: f64) {
     }
     let took = start.elapsed().as_secs_f64();
     lat.sort_unstable();
-    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0 };
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+        }
+    };
     println!(
         "requests={} errors={} rate={:.1} p50_us={:.1} p99_us={:.1}",
         lat.len(),
@@ -126,7 +137,10 @@ fn until(addr: SocketAddr, name: &str, timeout_ms: u64) {
     while Instant::now() < end {
         if let Ok(n) = one(addr, &mut buf) {
             if std::str::from_utf8(&buf[..n]).map(|s| s.trim()) == Ok(name) {
-                let at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
                 println!("at_ns={at}");
                 return;
             }
@@ -146,8 +160,14 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Some("rr") if args.len() == 3 => rr(addr(&args[1]), args[2].parse().unwrap_or_else(|_| usage())),
-        Some("until") if args.len() == 4 => until(addr(&args[1]), &args[2], args[3].parse().unwrap_or_else(|_| usage())),
+        Some("rr") if args.len() == 3 => {
+            rr(addr(&args[1]), args[2].parse().unwrap_or_else(|_| usage()))
+        }
+        Some("until") if args.len() == 4 => until(
+            addr(&args[1]),
+            &args[2],
+            args[3].parse().unwrap_or_else(|_| usage()),
+        ),
         _ => usage(),
     }
 }

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader, sys::SyscallError};
@@ -87,6 +88,8 @@ pub struct Options {
     pub sizes: MapSizes,
     /// Maglev table size (prime, at most MAGLEV_MAX_TABLE).
     pub maglev_m: u32,
+    /// Service CIDRs: addresses in them that are no frontend are refused at once.
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
 pub struct EbpfDataplane {
@@ -226,6 +229,12 @@ impl EbpfDataplane {
                 message: e.to_string(),
             })?;
 
+        let mut cidrs: LpmTrie<MapData, [u32; 5], u32> = take(&mut ebpf, SERVICE_CIDRS_MAP)?;
+        set_service_cidrs(&mut cidrs, &opts.service_cidrs).map_err(|e| Error::Map {
+            name: SERVICE_CIDRS_MAP,
+            message: e.to_string(),
+        })?;
+
         let services: HashMap<MapData, ServiceKey, ServiceValue> = take(&mut ebpf, SERVICES_MAP)?;
         let backends: HashMap<MapData, u32, Backend> = take(&mut ebpf, BACKENDS_MAP)?;
         let maglev: HashMap<MapData, u32, MaglevTable> = take(&mut ebpf, MAGLEV_MAP)?;
@@ -301,15 +310,25 @@ impl EbpfDataplane {
         }
     }
 
-    /// Applies changes in their safe order; a plan whose preparation failed keeps its
-    /// last committed state. Within a stage, writes are grouped by kind (backends before
-    /// slots, slot deletions before backend deletions) and sent in batches.
+    /// Applies changes in their safe order; a plan whose preparation failed is rolled
+    /// back and keeps its last committed state. Within a stage, writes are grouped by kind
+    /// (backends before slots, slot deletions before backend deletions) and batched.
     pub fn apply(&mut self, ch: &Changes) -> SyncReport {
+        self.apply_stages(&ch.plans, [&ch.prepare, &ch.commit, &ch.cleanup])
+    }
+
+    fn apply_stages(
+        &mut self,
+        plans: &[crate::model::PlanKey],
+        stages: [&Vec<plan::Tagged>; 3],
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed: HashSet<usize> = HashSet::new();
-        for stage in [&ch.prepare, &ch.commit, &ch.cleanup] {
+        let mut undo: std::collections::HashMap<usize, Vec<Op>> = std::collections::HashMap::new();
+        for stage in stages {
             let mut ops: Vec<&plan::Tagged> = stage.iter().collect();
             ops.sort_by_key(|(_, op)| rank(op));
+            let failed_before = failed.clone();
             for group in ops.chunk_by(|a, b| rank(&a.1) == rank(&b.1)) {
                 let group: Vec<&plan::Tagged> = group
                     .iter()
@@ -320,10 +339,45 @@ impl EbpfDataplane {
                 for ((plan, op), result) in group.iter().zip(results) {
                     match result {
                         Ok(()) => {
+                            if let Some(p) = plan {
+                                undo.entry(*p)
+                                    .or_default()
+                                    .push(plan::inverse(&self.mirror, op));
+                            }
                             plan::apply_to_mirror(&mut self.mirror, op);
                             report.writes += 1;
                         }
-                        Err(e) => self.record_failure(ch, *plan, op, e, &mut failed, &mut report),
+                        Err(e) => {
+                            let full = matches!(
+                                e.raw_os_error(),
+                                Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+                            );
+                            match plan {
+                                Some(p) if failed.insert(*p) => {
+                                    report.failed_plans.push(plans[*p].clone());
+                                    if full {
+                                        report.full_maps.push(map_of(op));
+                                    } else {
+                                        report.errors += 1;
+                                        error!(map = map_of(op), plan = %plans[*p], error = %e, "map write failed");
+                                    }
+                                }
+                                Some(_) => {}
+                                None => {
+                                    report.errors += 1;
+                                    error!(map = map_of(op), error = %e, "map write failed");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Roll back what the plans that just failed had already written.
+            let newly: Vec<usize> = failed.difference(&failed_before).copied().collect();
+            for p in newly {
+                for op in undo.remove(&p).unwrap_or_default().into_iter().rev() {
+                    if self.write(&op).is_ok() {
+                        plan::apply_to_mirror(&mut self.mirror, &op);
                     }
                 }
             }
@@ -331,32 +385,42 @@ impl EbpfDataplane {
         report
     }
 
-    fn record_failure(
-        &self,
-        ch: &Changes,
-        plan: Option<usize>,
-        op: &Op,
-        e: std::io::Error,
-        failed: &mut HashSet<usize>,
-        report: &mut SyncReport,
-    ) {
-        let map = map_of(op);
-        let plan_name = plan.map(|p| ch.plans[p].to_string()).unwrap_or_default();
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
-        ) {
-            error!(map, plan = %plan_name, "map is full: the Service keeps its last state (raise the map size flag)");
-            report.full_maps.push(map);
-        } else {
-            error!(map, plan = %plan_name, error = %e, "map write failed");
-            report.errors += 1;
-        }
-        if let Some(p) = plan {
-            if failed.insert(p) {
-                report.failed_plans.push(ch.plans[p].clone());
+    /// After a full map: retries the plans that failed one by one, smallest first, so
+    /// one Service too large for the map does not starve the others.
+    fn retry_smallest_first(
+        &mut self,
+        desired: &DesiredState,
+        node_addrs: &BTreeSet<IpAddr>,
+    ) -> SyncReport {
+        let ch = plan::diff(
+            &self.mirror,
+            desired,
+            node_addrs,
+            self.maglev_m,
+            &mut self.ids,
+        );
+        type Bucket = [Vec<plan::Tagged>; 3];
+        let mut buckets: std::collections::BTreeMap<Option<usize>, Bucket> = Default::default();
+        for (i, stage) in [&ch.prepare, &ch.commit, &ch.cleanup]
+            .into_iter()
+            .enumerate()
+        {
+            for t in stage {
+                buckets.entry(t.0).or_default()[i].push(t.clone());
             }
         }
+        let mut order: Vec<(Option<usize>, Bucket)> = buckets.into_iter().collect();
+        // Removals (untagged) first: they free room.
+        order.sort_by_key(|(p, b)| (p.is_some(), b.iter().map(Vec::len).sum::<usize>()));
+        let mut report = SyncReport::default();
+        for (_, b) in &order {
+            let r = self.apply_stages(&ch.plans, [&b[0], &b[1], &b[2]]);
+            report.writes += r.writes;
+            report.errors += r.errors;
+            report.failed_plans.extend(r.failed_plans);
+            report.full_maps.extend(r.full_maps);
+        }
+        report
     }
 
     /// Writes a group of operations of one kind; one result per operation.
@@ -458,6 +522,11 @@ fn batched(
             if out.len() < n {
                 if deleting && e.raw_os_error() == Some(libc::ENOENT) {
                     out.push(Ok(()));
+                } else if !deleting && e.raw_os_error() == Some(libc::E2BIG) {
+                    // The map is full: nothing else fits in this pass.
+                    while out.len() < n {
+                        out.push(Err(std::io::Error::from_raw_os_error(libc::E2BIG)));
+                    }
                 } else {
                     out.push(Err(e));
                 }
@@ -479,6 +548,24 @@ fn rank(op: &Op) -> u8 {
         Op::DelMaglev(_) => 6,
         Op::DelNodeAddr(_) => 7,
     }
+}
+
+/// Makes the trie hold exactly `want`.
+fn set_service_cidrs(
+    trie: &mut LpmTrie<MapData, [u32; 5], u32>,
+    want: &[ipnet::IpNet],
+) -> Result<(), MapError> {
+    let want: Vec<([u32; 5], u32)> = want.iter().map(plan::service_cidr_key).collect();
+    let have: Vec<LpmKey<[u32; 5]>> = trie.keys().collect::<Result<_, _>>()?;
+    for k in have {
+        if !want.contains(&(k.data(), k.prefix_len())) {
+            trie.remove(&k)?;
+        }
+    }
+    for (data, len) in want {
+        trie.insert(&LpmKey::new(len, data), 1, 0)?;
+    }
+    Ok(())
 }
 
 fn map_of(op: &Op) -> &'static str {
@@ -540,7 +627,23 @@ impl Dataplane for EbpfDataplane {
             cleanup = changes.cleanup.len(),
             "applying map changes"
         );
-        self.apply(&changes)
+        let mut report = self.apply(&changes);
+        if !report.full_maps.is_empty() {
+            warn!(
+                failed_plans = report.failed_plans.len(),
+                "a map is full; retrying the failed Services smallest first"
+            );
+            report = self.retry_smallest_first(desired, node_addrs);
+            if !report.full_maps.is_empty() {
+                error!(
+                    maps = ?report.full_maps.iter().collect::<BTreeSet<_>>(),
+                    failed_plans = report.failed_plans.len(),
+                    example = %report.failed_plans.first().map(|p| p.to_string()).unwrap_or_default(),
+                    "map is full: these Services keep their last state (raise the map size flags)"
+                );
+            }
+        }
+        report
     }
 
     fn map_entries(&self) -> Vec<(&'static str, usize)> {
@@ -559,6 +662,10 @@ impl Dataplane for EbpfDataplane {
             (counter::AFFINITY_HIT, "affinity_hit"),
             (counter::REVERSE_FULL, "reverse_map_insert_failed"),
             (counter::SLOT_MISS, "slot_miss"),
+            (
+                counter::REFUSED_UNKNOWN_FRONTEND,
+                "refused_unknown_frontend",
+            ),
         ];
         names
             .iter()

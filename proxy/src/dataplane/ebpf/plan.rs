@@ -158,14 +158,24 @@ pub fn frontend_key(f: &Frontend) -> ServiceKey {
     }
 }
 
-pub fn backend_value(addr: SocketAddr, proto: u8) -> Backend {
+pub fn backend_value(addr: SocketAddr, proto: u8, service_id: u32) -> Backend {
     let (words, family) = addr_words(addr.ip());
     Backend {
         addr: words,
         port: net_port(addr.port()),
         proto,
         family,
+        service_id,
     }
+}
+
+/// The Service CIDR trie's key for a CIDR.
+pub fn service_cidr_key(net: &ipnet::IpNet) -> ([u32; 5], u32) {
+    let (w, family) = addr_words(net.network());
+    (
+        [family as u32, w[0], w[1], w[2], w[3]],
+        32 + net.prefix_len() as u32,
+    )
 }
 
 fn slot_key(k: &ServiceKey, slot: u16) -> ServiceKey {
@@ -275,7 +285,7 @@ pub fn diff(
         let known = service_backends.get(&service_id);
         let mut wanted_ids = Vec::with_capacity(plan.backends.len());
         for addr in &plan.backends {
-            let b = backend_value(*addr, proto);
+            let b = backend_value(*addr, proto, service_id);
             let id = match known.and_then(|m| m.get(&b)) {
                 Some(id) if current.backends.get(id) == Some(&b) => *id,
                 _ => {
@@ -410,6 +420,26 @@ pub fn diff(
         ch.cleanup.push((None, Op::DelNodeAddr(*a)));
     }
     ch
+}
+
+/// The operation that undoes `op` on a map whose content `state` mirrors (before `op`).
+pub fn inverse(state: &MapState, op: &Op) -> Op {
+    match op {
+        Op::PutNodeAddr(a) => Op::DelNodeAddr(*a),
+        Op::DelNodeAddr(a) => Op::PutNodeAddr(*a),
+        Op::PutBackend(id, _) | Op::DelBackend(id) => match state.backends.get(id) {
+            Some(b) => Op::PutBackend(*id, *b),
+            None => Op::DelBackend(*id),
+        },
+        Op::PutSlot(k, _) | Op::DelSlot(k) => match state.services.get(k) {
+            Some(v) => Op::PutSlot(*k, *v),
+            None => Op::DelSlot(*k),
+        },
+        Op::PutMaglev(id, _) | Op::DelMaglev(id) => match state.maglev.get(id) {
+            Some(t) => Op::PutMaglev(*id, t.clone()),
+            None => Op::DelMaglev(*id),
+        },
+    }
 }
 
 /// Applies `op` to a mirror (after the kernel accepted it).
