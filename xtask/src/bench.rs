@@ -240,7 +240,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
 
     let dir = topo.scratch_dir().join("manifests");
     std::fs::create_dir_all(&dir)?;
-    let max = counts.iter().copied().max().unwrap_or(1);
+    let max = counts.iter().copied().max().unwrap_or(1).max(10_000);
     let map_size = ((max + 1) * (ENDPOINTS_PER_SERVICE + 1) + 1024) as u32;
     let mut cmd = Command::new(bin_path("capstan-proxy")?);
     cmd.arg("--manifests")

@@ -6,6 +6,7 @@
 //! swaps its freshly loaded programs into the existing links (`BPF_LINK_UPDATE`) instead of
 //! detaching anything, so no connection is made without a program in between.
 pub mod plan;
+mod sockterm;
 mod sys;
 
 use std::collections::{BTreeSet, HashSet};
@@ -106,6 +107,8 @@ pub struct EbpfDataplane {
     counters: PerCpuArray<MapData, u64>,
     mirror: MapState,
     ids: Ids,
+    /// The balanced cgroup (its processes' namespaces are where client sockets live).
+    cgroup: PathBuf,
     maglev_m: u32,
 }
 
@@ -270,6 +273,7 @@ impl EbpfDataplane {
             counters,
             mirror,
             ids,
+            cgroup: opts.cgroup.clone(),
             maglev_m: opts.maglev_m,
         })
     }
@@ -627,7 +631,17 @@ impl Dataplane for EbpfDataplane {
             cleanup = changes.cleanup.len(),
             "applying map changes"
         );
+        let removed_udp: Vec<Backend> = changes
+            .cleanup
+            .iter()
+            .filter_map(|(_, op)| match op {
+                Op::DelBackend(id) => self.mirror.backends.get(id).copied(),
+                _ => None,
+            })
+            .filter(|b| b.proto == PROTO_UDP)
+            .collect();
         let mut report = self.apply(&changes);
+        self.terminate_udp_sockets(removed_udp);
         if !report.full_maps.is_empty() {
             warn!(
                 failed_plans = report.failed_plans.len(),
@@ -678,6 +692,39 @@ impl Dataplane for EbpfDataplane {
 }
 
 impl EbpfDataplane {
+    /// Destroys connected UDP sockets to backends that no Service uses any more.
+    fn terminate_udp_sockets(&self, removed: Vec<Backend>) {
+        if removed.is_empty() {
+            return;
+        }
+        let key = |b: &Backend| (b.addr, b.port, b.family);
+        let still: HashSet<_> = self
+            .mirror
+            .backends
+            .values()
+            .filter(|b| b.proto == PROTO_UDP)
+            .map(key)
+            .collect();
+        let targets: BTreeSet<std::net::SocketAddr> = removed
+            .iter()
+            .filter(|b| !still.contains(&key(b)))
+            .map(|b| {
+                std::net::SocketAddr::new(
+                    plan::words_addr(b.addr, b.family),
+                    plan::host_port(b.port),
+                )
+            })
+            .collect();
+        let n = sockterm::destroy_udp_sockets(&self.cgroup, &targets);
+        if n > 0 {
+            info!(
+                sockets = n,
+                backends = targets.len(),
+                "destroyed connected UDP sockets to removed backends"
+            );
+        }
+    }
+
     /// Number of reverse-translation entries (sockets remembered), for the bench.
     pub fn reverse_len(&self) -> usize {
         self.reverse_entries.keys().count()
