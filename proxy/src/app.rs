@@ -18,6 +18,7 @@ use crate::source::{self, Update};
 
 struct Syncer<D: Dataplane> {
     dp: D,
+    model: model::Model,
     ctx: NodeContext,
     metrics: Arc<Metrics>,
     health: Health,
@@ -34,7 +35,7 @@ impl<D: Dataplane> Syncer<D> {
             return;
         };
         let start = Instant::now();
-        let desired = model::desired_state(&update.snapshot, &self.ctx);
+        let desired = self.model.desired_state(&update.snapshot, &self.ctx);
         let report = tokio::task::block_in_place(|| self.dp.sync(&desired, &self.addrs));
         let took = start.elapsed();
         self.metrics.sync_duration.observe(took.as_secs_f64());
@@ -75,7 +76,6 @@ impl<D: Dataplane> Syncer<D> {
                 && n.metadata.deletion_timestamp.is_some()
         });
         self.health.set_node_eligible(eligible);
-        self.last_full = Instant::now();
         if report.writes > 0 || !report.failed_plans.is_empty() {
             info!(
                 plans = desired.plans.len(),
@@ -144,6 +144,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let mut syncer = Syncer {
         dp,
+        model: model::Model::default(),
         ctx: NodeContext {
             node_name: settings.node_name.clone(),
             service_proxy_name: settings.service_proxy_name.clone(),
@@ -188,6 +189,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     }
                     Ok(_) => {
                         if syncer.last_full.elapsed() >= settings.sync_period {
+                            syncer.dp.resync();
+                            syncer.last_full = Instant::now();
                             syncer.sync();
                         }
                     }

@@ -83,11 +83,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Build => ebpf::ensure_toolchain()
             .and_then(|_| ebpf::build(&root, false))
-            .and_then(|_| {
-                run(cargo()
-                    .current_dir(&root)
-                    .args(["build", "--release", "--workspace"]))
-            }),
+            .and_then(|_| run(cargo().current_dir(&root).args(["build", "--release"]))),
         Cmd::BuildEbpf { check } => {
             ebpf::ensure_toolchain().and_then(|_| ebpf::build(&root, check))
         }
@@ -117,8 +113,7 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
         "--bins",
     ]))?;
     let mut cmd = cargo();
-    cmd.current_dir(root)
-        .args(["test", "--workspace", "--no-fail-fast"]);
+    cmd.current_dir(root).args(["test", "--no-fail-fast"]); // default members: proxy-ebpf builds only for BPF
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }

@@ -24,6 +24,9 @@ pub struct SyncReport {
 pub trait Dataplane {
     /// Makes the kernel serve `desired`, with NodePorts on `node_addrs`.
     fn sync(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport;
+    /// Forgets what the last sync applied: the next sync compares everything with the
+    /// kernel (the periodic full resync).
+    fn resync(&mut self) {}
     /// Entries per map, for metrics.
     fn map_entries(&self) -> Vec<(&'static str, usize)>;
     /// Data-path counters (name, value), for metrics.

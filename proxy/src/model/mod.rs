@@ -6,9 +6,10 @@
 //! every data-plane mode; the modes only differ in how they hand it to the kernel.
 pub mod maglev;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -32,13 +33,15 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 /// with a log line.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    /// Shared, so that a new snapshot costs no copies and an object that did not change is
+    /// the very same object (the model's cache relies on it).
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// Who we are and how we were asked to balance.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     /// This node's name (`--hostname-override` or the hostname).
     pub node_name: String,
@@ -151,10 +154,12 @@ pub struct Plan {
     pub algorithm: Algorithm,
 }
 
-/// The data path as it should be.
+/// The data path as it should be. A persistent map: cloning is O(1) and two states that
+/// share structure are compared in time proportional to their difference, which is what
+/// keeps an EndpointSlice change cheap at 100,000 Services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub plans: BTreeMap<PlanKey, Plan>,
+    pub plans: imbl::OrdMap<PlanKey, Plan>,
 }
 
 impl DesiredState {
@@ -368,84 +373,260 @@ fn topology_filter<'a>(
 /// Builds the desired data-path state. Never fails: what cannot be used is logged and
 /// skipped, so one bad object cannot take the others down.
 pub fn desired_state(snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
-    let zone = snap
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
-        .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+    Model::default().desired_state(snap, ctx)
+}
 
-    // Slices by (namespace, service name); headless slices are not ours.
-    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in &snap.endpoint_slices {
-        let labels = s.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-            continue;
+type Plans = Result<Vec<(PlanKey, Plan)>, String>;
+
+/// What one Service gave last time, and from which objects.
+struct Cached {
+    service: Arc<Service>,
+    slices: Vec<*const EndpointSlice>,
+    zone: Option<String>,
+    plans: Plans,
+}
+
+/// [`desired_state`] with memory: a Service whose object, slices and node zone are the very
+/// same (shared) objects as last time is not evaluated again, so one EndpointSlice change
+/// costs one Service's work, not the cluster's.
+#[derive(Default)]
+pub struct Model {
+    cache: HashMap<(String, String), Cached>,
+    ctx: Option<NodeContext>,
+    /// The inputs and output of the last evaluation, for the fast path.
+    last: Option<Last>,
+}
+
+struct Last {
+    services: Vec<*const Service>,
+    nodes: Vec<*const Node>,
+    /// Every slice seen, and the Service it belongs to (None: not ours).
+    slices: HashMap<*const EndpointSlice, Option<(String, String)>>,
+    state: DesiredState,
+}
+
+/// The Service an EndpointSlice feeds, if any (headless slices feed none).
+fn slice_owner(s: &EndpointSlice) -> Option<(&str, &str)> {
+    let labels = s.metadata.labels.as_ref()?;
+    if labels.contains_key(LABEL_HEADLESS) {
+        return None;
+    }
+    let svc = labels.get(LABEL_SERVICE_NAME)?;
+    Some((
+        s.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.as_str(),
+    ))
+}
+
+// SAFETY: the raw pointers are only compared, never dereferenced.
+unsafe impl Send for Model {}
+
+impl Model {
+    pub fn desired_state(&mut self, snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
+        if self.ctx.as_ref() != Some(ctx) {
+            self.cache.clear();
+            self.last = None;
+            self.ctx = Some(ctx.clone());
         }
-        let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
+        let services: Vec<*const Service> = snap.services.iter().map(Arc::as_ptr).collect();
+        let nodes: Vec<*const Node> = snap.nodes.iter().map(Arc::as_ptr).collect();
+        let state = match self.last.take() {
+            Some(last) if last.services == services && last.nodes == nodes => {
+                self.only_slices_changed(snap, ctx, last)
+            }
+            _ => self.evaluate_all(snap, ctx),
         };
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        slices.entry((ns, svc.clone())).or_default().push(s);
+        self.last = Some(Last {
+            services,
+            nodes,
+            slices: snap
+                .endpoint_slices
+                .iter()
+                .map(|s| {
+                    (
+                        Arc::as_ptr(s),
+                        slice_owner(s).map(|(a, b)| (a.to_string(), b.to_string())),
+                    )
+                })
+                .collect(),
+            state: state.clone(),
+        });
+        state
     }
 
-    let mut state = DesiredState::default();
-    let mut owner: BTreeMap<Frontend, PlanKey> = BTreeMap::new();
-    let mut services: Vec<&Service> = snap.services.iter().collect();
-    // Older Services win a conflict over a frontend, as the API server would have let
-    // only the first one have the address.
-    services.sort_by(|a, b| {
-        let ka = (
-            &a.metadata.creation_timestamp,
-            &a.metadata.namespace,
-            &a.metadata.name,
-        );
-        let kb = (
-            &b.metadata.creation_timestamp,
-            &b.metadata.namespace,
-            &b.metadata.name,
-        );
-        ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
-    });
-    for svc in services {
-        if skip_reason(svc, ctx).is_some() {
-            continue;
+    /// The fast path: the same Services and Nodes as last time, so frontends and their
+    /// owners are the same; only the Services whose slices changed are evaluated again and
+    /// their backends patched into the last state.
+    fn only_slices_changed(
+        &mut self,
+        snap: &Snapshot,
+        ctx: &NodeContext,
+        last: Last,
+    ) -> DesiredState {
+        let current: HashSet<*const EndpointSlice> =
+            snap.endpoint_slices.iter().map(Arc::as_ptr).collect();
+        let mut affected: HashSet<(String, String)> = HashSet::new();
+        for s in &snap.endpoint_slices {
+            if !last.slices.contains_key(&Arc::as_ptr(s)) {
+                if let Some((ns, name)) = slice_owner(s) {
+                    affected.insert((ns.to_string(), name.to_string()));
+                }
+            }
         }
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let svc_slices = slices
-            .get(&(ns.clone(), name.clone()))
-            .map(|v| v.as_slice())
-            .unwrap_or(&[]);
-        match service_plans(svc, &ns, &name, svc_slices, ctx, zone.as_deref()) {
-            Ok(plans) => {
-                for (key, mut plan) in plans {
-                    plan.frontends.retain(|f| match owner.get(f) {
-                        Some(other) if other != &key => {
-                            warn!(frontend = %f, service = %format!("{ns}/{name}"), owner = %format!("{}/{}", other.namespace, other.name), "frontend already taken by another Service; skipped");
-                            false
+        for (ptr, owner) in &last.slices {
+            if !current.contains(ptr) {
+                if let Some(o) = owner {
+                    affected.insert(o.clone());
+                }
+            }
+        }
+        let mut state = last.state;
+        if affected.is_empty() {
+            return state;
+        }
+        let mut their_slices: HashMap<(String, String), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for s in &snap.endpoint_slices {
+            if let Some((ns, name)) = slice_owner(s) {
+                if affected.contains(&(ns.to_string(), name.to_string())) {
+                    their_slices
+                        .entry((ns.to_string(), name.to_string()))
+                        .or_default()
+                        .push(s);
+                }
+            }
+        }
+        let zone = self.cache.values().next().and_then(|c| c.zone.clone());
+        for key in affected {
+            let Some(cached) = self.cache.get_mut(&key) else {
+                continue;
+            };
+            let slices: Vec<&Arc<EndpointSlice>> = their_slices.remove(&key).unwrap_or_default();
+            let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+            let plans = service_plans(&cached.service, &key.0, &key.1, &refs, ctx, zone.as_deref());
+            if let Ok(plans) = &plans {
+                for (pkey, plan) in plans {
+                    // Frontends (and who owns them) do not change with slices: keep the
+                    // resolved frontends, take the new backends.
+                    if let Some(old) = state.plans.get(pkey) {
+                        if old.backends != plan.backends {
+                            let mut p = old.clone();
+                            p.backends = plan.backends.clone();
+                            state.plans.insert(pkey.clone(), p);
                         }
-                        _ => true,
-                    });
-                    for f in &plan.frontends {
-                        owner.insert(*f, key.clone());
-                    }
-                    if !plan.frontends.is_empty() {
-                        state.plans.insert(key, plan);
                     }
                 }
             }
-            Err(e) => warn!(service = %format!("{ns}/{name}"), error = %e, "Service skipped"),
+            cached.slices = slices.iter().map(|s| Arc::as_ptr(s)).collect();
+            cached.plans = plans;
+        }
+        state
+    }
+
+    /// Evaluates every Service (reusing the cached plans of unchanged ones) and resolves
+    /// frontend conflicts.
+    fn evaluate_all(&mut self, snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
+        let zone = snap
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+
+        // Slices by (namespace, service name); headless slices are not ours.
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for s in &snap.endpoint_slices {
+            let labels = s.metadata.labels.as_ref();
+            if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+                continue;
+            }
+            let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+                continue;
+            };
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            slices.entry((ns, svc.as_str())).or_default().push(s);
+        }
+
+        let mut services: Vec<&Arc<Service>> = snap.services.iter().collect();
+        // Older Services win a conflict over a frontend, as the API server would have let
+        // only the first one have the address.
+        services.sort_by(|a, b| {
+            let ka = (
+                &a.metadata.creation_timestamp,
+                &a.metadata.namespace,
+                &a.metadata.name,
+            );
+            let kb = (
+                &b.metadata.creation_timestamp,
+                &b.metadata.namespace,
+                &b.metadata.name,
+            );
+            ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let mut out: Vec<(PlanKey, Plan)> = Vec::new();
+        let mut owner: HashMap<Frontend, usize> = HashMap::new();
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        for svc in services {
+            if skip_reason(svc, ctx).is_some() {
+                continue;
+            }
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            let svc_slices: &[&Arc<EndpointSlice>] =
+                slices.get(&(ns, name)).map(|v| v.as_slice()).unwrap_or(&[]);
+            let ptrs: Vec<*const EndpointSlice> =
+                svc_slices.iter().map(|s| Arc::as_ptr(s)).collect();
+            let key = (ns.to_string(), name.to_string());
+            let hit = self.cache.get(&key).is_some_and(|c| {
+                Arc::ptr_eq(&c.service, svc) && c.slices == ptrs && c.zone == zone
+            });
+            if !hit {
+                let refs: Vec<&EndpointSlice> = svc_slices.iter().map(|s| s.as_ref()).collect();
+                let plans = service_plans(svc, ns, name, &refs, ctx, zone.as_deref());
+                if let Err(e) = &plans {
+                    warn!(service = %format!("{ns}/{name}"), error = %e, "Service skipped");
+                }
+                self.cache.insert(
+                    key.clone(),
+                    Cached {
+                        service: svc.clone(),
+                        slices: ptrs,
+                        zone: zone.clone(),
+                        plans,
+                    },
+                );
+            }
+            let Some(Cached {
+                plans: Ok(plans), ..
+            }) = self.cache.get(&key)
+            else {
+                seen.insert(key);
+                continue;
+            };
+            for (pkey, plan) in plans {
+                let idx = out.len();
+                let mut plan = plan.clone();
+                plan.frontends.retain(|f| match owner.get(f) {
+                    Some(other) => {
+                        let o = &out[*other].0;
+                        warn!(frontend = %f, service = %format!("{ns}/{name}"), owner = %format!("{}/{}", o.namespace, o.name), "frontend already taken by another Service; skipped");
+                        false
+                    }
+                    None => true,
+                });
+                if plan.frontends.is_empty() {
+                    continue;
+                }
+                for f in &plan.frontends {
+                    owner.insert(*f, idx);
+                }
+                out.push((pkey.clone(), plan));
+            }
+            seen.insert(key);
+        }
+        self.cache.retain(|k, _| seen.contains(k));
+        DesiredState {
+            plans: out.into_iter().collect(),
         }
     }
-    state
 }
 
 /// Validates a Service the way the data path needs it (addresses, ports, protocols).

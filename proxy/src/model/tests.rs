@@ -144,9 +144,9 @@ fn ctx(node_name: &str) -> NodeContext {
 
 fn snap(services: Vec<Service>, endpoint_slices: Vec<EndpointSlice>, nodes: Vec<Node>) -> Snapshot {
     Snapshot {
-        services,
-        endpoint_slices,
-        nodes,
+        services: services.into_iter().map(Arc::new).collect(),
+        endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
+        nodes: nodes.into_iter().map(Arc::new).collect(),
     }
 }
 
@@ -1656,4 +1656,58 @@ fn display_of_frontends_and_plan_keys() {
     assert_eq!(Protocol::Udp.number(), 17);
     assert_eq!(Family::of(&"fd00::1".parse().unwrap()), Family::V6);
     assert_eq!(Family::of(&"10.0.0.1".parse().unwrap()), Family::V4);
+}
+
+/// The cached model (fast path when only slices change, cache hits otherwise) gives
+/// exactly what a fresh evaluation gives.
+#[test]
+fn cached_model_matches_a_fresh_evaluation() {
+    let c = ctx("n1");
+    let mut model = Model::default();
+    let web = Arc::new(service(
+        "web",
+        json!({"spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"]}}),
+    ));
+    let api = Arc::new(service(
+        "api",
+        json!({"spec": {"clusterIP": "10.96.0.2", "clusterIPs": ["10.96.0.2"]}}),
+    ));
+    let s1 = Arc::new(http_slice("web", "web-1", json!([ep("10.0.0.1", "n1")])));
+    let s2 = Arc::new(http_slice("api", "api-1", json!([ep("10.0.0.9", "n1")])));
+    let mut snap = Snapshot {
+        services: vec![web.clone(), api.clone()],
+        endpoint_slices: vec![s1, s2.clone()],
+        nodes: vec![],
+    };
+    assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
+    // Only a slice changes (the fast path).
+    snap.endpoint_slices[0] = Arc::new(http_slice(
+        "web",
+        "web-1",
+        json!([ep("10.0.0.1", "n1"), ep("10.0.0.2", "n1")]),
+    ));
+    let fast = model.desired_state(&snap, &c);
+    assert_eq!(fast, desired_state(&snap, &c));
+    assert_eq!(
+        http_plan(&fast, "web", Family::V4, Scope::Internal)
+            .backends
+            .len(),
+        2
+    );
+    // A slice disappears.
+    snap.endpoint_slices.remove(0);
+    assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
+    // A Service changes (the full path, with the other one cached).
+    snap.services[0] = Arc::new(service(
+        "web",
+        json!({"spec": {"clusterIP": "10.96.0.3", "clusterIPs": ["10.96.0.3"]}}),
+    ));
+    assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
+    // And back to a slice-only change.
+    snap.endpoint_slices.push(Arc::new(http_slice(
+        "web",
+        "web-2",
+        json!([ep("10.0.0.5", "n1")]),
+    )));
+    assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
 }

@@ -111,9 +111,9 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
     let mut previous: Option<Arc<Snapshot>> = None;
     let mut publish = |tx: &Sender| {
         let snapshot = Arc::new(Snapshot {
-            services: services.state().iter().map(|s| (**s).clone()).collect(),
-            endpoint_slices: slices.state().iter().map(|s| (**s).clone()).collect(),
-            nodes: nodes.state().iter().map(|s| (**s).clone()).collect(),
+            services: services.state(),
+            endpoint_slices: slices.state(),
+            nodes: nodes.state(),
         });
         let update = Update {
             trigger_time: trigger_time(previous.as_deref(), &snapshot, started),

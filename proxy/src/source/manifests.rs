@@ -1,7 +1,7 @@
 //! `--manifests DIR`: Services, EndpointSlices and Nodes from YAML or JSON files, re-read
 //! when the directory changes. A file that does not parse or holds an invalid object is
 //! rejected whole with a log line and its last good content keeps serving.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,13 +18,13 @@ use crate::model::{self, Snapshot};
 /// One object from a manifest file.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 impl Object {
-    fn id(&self) -> (&'static str, String, String) {
+    fn id(&self) -> (&'static str, &str, &str) {
         let (kind, meta) = match self {
             Object::Service(s) => ("Service", &s.metadata),
             Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
@@ -32,8 +32,8 @@ impl Object {
         };
         (
             kind,
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
         )
     }
 }
@@ -96,16 +96,16 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
                 serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_service(&s).map_err(|e| format!("Service {name}: {e}"))?;
-            Object::Service(Box::new(s))
+            Object::Service(Arc::new(s))
         }
         "EndpointSlice" => {
             let mut s: EndpointSlice =
                 serde_json::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_endpoint_slice(&s).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
-            Object::EndpointSlice(Box::new(s))
+            Object::EndpointSlice(Arc::new(s))
         }
-        "Node" => Object::Node(Box::new(
+        "Node" => Object::Node(Arc::new(
             serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?,
         )),
         other => {
@@ -138,6 +138,25 @@ fn stamp_of(meta: &std::fs::Metadata) -> Stamp {
         meta.ctime(),
         meta.ctime_nsec(),
     )
+}
+
+/// Objects that did not change keep their previous (shared) instance: the model then
+/// knows at a glance, by identity, that there is nothing to re-evaluate for them.
+fn keep_unchanged(old: &[Object], new: &mut [Object]) {
+    let by_id: HashMap<_, &Object> = old.iter().map(|o| (o.id(), o)).collect();
+    for obj in new.iter_mut() {
+        let Some(prev) = by_id.get(&obj.id()) else {
+            continue;
+        };
+        match (prev, &*obj) {
+            (Object::Service(a), Object::Service(b)) if a == b => *obj = Object::Service(a.clone()),
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) if a == b => {
+                *obj = Object::EndpointSlice(a.clone())
+            }
+            (Object::Node(a), Object::Node(b)) if a == b => *obj = Object::Node(a.clone()),
+            _ => {}
+        }
+    }
 }
 
 struct FileState {
@@ -197,8 +216,11 @@ impl ManifestDir {
                 }
             };
             match parse(&text) {
-                Ok(objects) => {
+                Ok(mut objects) => {
                     debug!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    if let Some(old) = self.files.get(&path) {
+                        keep_unchanged(&old.objects, &mut objects);
+                    }
                     self.files.insert(path, FileState { stamp, objects });
                     changed = true;
                 }
@@ -222,19 +244,19 @@ impl ManifestDir {
     /// Everything the directory holds. The first of two objects with the same kind,
     /// namespace and name wins (files in name order).
     pub fn snapshot(&self) -> Snapshot {
-        let mut seen = BTreeSet::new();
+        let mut seen = std::collections::HashSet::new();
         let mut snap = Snapshot::default();
         for (path, file) in &self.files {
             for obj in &file.objects {
                 let id = obj.id();
-                if !seen.insert(id.clone()) {
+                if !seen.insert(id) {
                     warn!(file = %path.display(), kind = id.0, namespace = %id.1, name = %id.2, "duplicate object ignored");
                     continue;
                 }
                 match obj {
-                    Object::Service(s) => snap.services.push((**s).clone()),
-                    Object::EndpointSlice(s) => snap.endpoint_slices.push((**s).clone()),
-                    Object::Node(n) => snap.nodes.push((**n).clone()),
+                    Object::Service(s) => snap.services.push(s.clone()),
+                    Object::EndpointSlice(s) => snap.endpoint_slices.push(s.clone()),
+                    Object::Node(n) => snap.nodes.push(n.clone()),
                 }
             }
         }

@@ -95,7 +95,7 @@ mod tests {
 
     fn snap(slices: Vec<EndpointSlice>) -> Snapshot {
         Snapshot {
-            endpoint_slices: slices,
+            endpoint_slices: slices.into_iter().map(Arc::new).collect(),
             ..Default::default()
         }
     }

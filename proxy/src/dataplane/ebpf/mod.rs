@@ -109,6 +109,8 @@ pub struct EbpfDataplane {
     ids: Ids,
     /// The balanced cgroup (its processes' namespaces are where client sockets live).
     cgroup: PathBuf,
+    /// The desired state and node addresses of the last complete sync.
+    applied: Option<(DesiredState, BTreeSet<IpAddr>)>,
     maglev_m: u32,
 }
 
@@ -274,6 +276,7 @@ impl EbpfDataplane {
             mirror,
             ids,
             cgroup: opts.cgroup.clone(),
+            applied: None,
             maglev_m: opts.maglev_m,
         })
     }
@@ -615,49 +618,18 @@ fn read_state(
 
 impl Dataplane for EbpfDataplane {
     fn sync(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport {
-        let changes = plan::diff(
-            &self.mirror,
-            desired,
-            node_addrs,
-            self.maglev_m,
-            &mut self.ids,
-        );
-        if changes.is_empty() {
-            return SyncReport::default();
-        }
-        debug!(
-            prepare = changes.prepare.len(),
-            commit = changes.commit.len(),
-            cleanup = changes.cleanup.len(),
-            "applying map changes"
-        );
-        let removed_udp: Vec<Backend> = changes
-            .cleanup
-            .iter()
-            .filter_map(|(_, op)| match op {
-                Op::DelBackend(id) => self.mirror.backends.get(id).copied(),
-                _ => None,
-            })
-            .filter(|b| b.proto == PROTO_UDP)
-            .collect();
-        let mut report = self.apply(&changes);
-        self.terminate_udp_sockets(removed_udp);
-        if !report.full_maps.is_empty() {
-            warn!(
-                failed_plans = report.failed_plans.len(),
-                "a map is full; retrying the failed Services smallest first"
-            );
-            report = self.retry_smallest_first(desired, node_addrs);
-            if !report.full_maps.is_empty() {
-                error!(
-                    maps = ?report.full_maps.iter().collect::<BTreeSet<_>>(),
-                    failed_plans = report.failed_plans.len(),
-                    example = %report.failed_plans.first().map(|p| p.to_string()).unwrap_or_default(),
-                    "map is full: these Services keep their last state (raise the map size flags)"
-                );
-            }
+        let report = self.sync_inner(desired, node_addrs);
+        // Remember what is in place, so the next sync can look at what changed only.
+        if report.failed_plans.is_empty() && report.errors == 0 {
+            self.applied = Some((desired.clone(), node_addrs.clone()));
+        } else {
+            self.applied = None;
         }
         report
+    }
+
+    fn resync(&mut self) {
+        self.applied = None;
     }
 
     fn map_entries(&self) -> Vec<(&'static str, usize)> {
@@ -728,6 +700,94 @@ impl EbpfDataplane {
     /// Number of reverse-translation entries (sockets remembered), for the bench.
     pub fn reverse_len(&self) -> usize {
         self.reverse_entries.keys().count()
+    }
+}
+
+impl EbpfDataplane {
+    /// The changes for `desired`: only what changed since the last complete sync when
+    /// there was one (and the node addresses are the same), else everything.
+    fn changes_for(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> Changes {
+        let Some((prev, prev_addrs)) = self.applied.as_ref().filter(|(_, a)| a == node_addrs)
+        else {
+            return plan::diff(
+                &self.mirror,
+                desired,
+                node_addrs,
+                self.maglev_m,
+                &mut self.ids,
+            );
+        };
+        let _ = prev_addrs;
+        let mut changed = DesiredState::default();
+        let mut scope: HashSet<ServiceKey> = HashSet::new();
+        // Shared structure is skipped: this costs the size of the change.
+        for item in prev.plans.diff(&desired.plans) {
+            match item {
+                imbl::ordmap::DiffItem::Add(key, p) => {
+                    scope.extend(p.frontends.iter().map(plan::frontend_key));
+                    changed.plans.insert(key.clone(), p.clone());
+                }
+                imbl::ordmap::DiffItem::Update {
+                    old: (_, old),
+                    new: (key, p),
+                } => {
+                    scope.extend(p.frontends.iter().map(plan::frontend_key));
+                    scope.extend(old.frontends.iter().map(plan::frontend_key));
+                    changed.plans.insert(key.clone(), p.clone());
+                }
+                imbl::ordmap::DiffItem::Remove(_, old) => {
+                    scope.extend(old.frontends.iter().map(plan::frontend_key));
+                }
+            }
+        }
+        plan::diff_scoped(
+            &self.mirror,
+            &changed,
+            node_addrs,
+            self.maglev_m,
+            &mut self.ids,
+            &scope,
+        )
+    }
+
+    fn sync_inner(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport {
+        let changes = self.changes_for(desired, node_addrs);
+        if changes.is_empty() {
+            return SyncReport::default();
+        }
+        debug!(
+            prepare = changes.prepare.len(),
+            commit = changes.commit.len(),
+            cleanup = changes.cleanup.len(),
+            "applying map changes"
+        );
+        let removed_udp: Vec<Backend> = changes
+            .cleanup
+            .iter()
+            .filter_map(|(_, op)| match op {
+                Op::DelBackend(id) => self.mirror.backends.get(id).copied(),
+                _ => None,
+            })
+            .filter(|b| b.proto == PROTO_UDP)
+            .collect();
+        let mut report = self.apply(&changes);
+        self.terminate_udp_sockets(removed_udp);
+        if !report.full_maps.is_empty() {
+            warn!(
+                failed_plans = report.failed_plans.len(),
+                "a map is full; retrying the failed Services smallest first"
+            );
+            report = self.retry_smallest_first(desired, node_addrs);
+            if !report.full_maps.is_empty() {
+                error!(
+                    maps = ?report.full_maps.iter().collect::<BTreeSet<_>>(),
+                    failed_plans = report.failed_plans.len(),
+                    example = %report.failed_plans.first().map(|p| p.to_string()).unwrap_or_default(),
+                    "map is full: these Services keep their last state (raise the map size flags)"
+                );
+            }
+        }
+        report
     }
 }
 

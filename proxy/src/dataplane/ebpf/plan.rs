@@ -228,7 +228,58 @@ pub fn diff(
     maglev_m: u32,
     ids: &mut Ids,
 ) -> Changes {
+    diff_in(current, desired, node_addrs, maglev_m, ids, None)
+}
+
+/// [`diff`] for a part of the state: `desired` holds only the plans that changed, and
+/// `scope` every frontend (slot-0 key) they had or have. Nothing outside the scope is
+/// read or touched, so a change costs the size of what changed, not of the cluster.
+pub fn diff_scoped(
+    current: &MapState,
+    desired: &DesiredState,
+    node_addrs: &BTreeSet<IpAddr>,
+    maglev_m: u32,
+    ids: &mut Ids,
+    scope: &HashSet<ServiceKey>,
+) -> Changes {
+    diff_in(current, desired, node_addrs, maglev_m, ids, Some(scope))
+}
+
+/// The slots (1..) a frontend holds: up to its count and on until the first gap.
+fn held_slots<'a>(
+    current: &'a MapState,
+    head: &ServiceKey,
+) -> Vec<(&'a ServiceKey, &'a ServiceValue)> {
+    let count = current.services.get(head).map(|h| h.count).unwrap_or(0);
+    let mut out = Vec::new();
+    for s in 1..=u16::MAX {
+        match current.services.get_key_value(&slot_key(head, s)) {
+            Some(kv) => out.push(kv),
+            None if s > count => break,
+            None => {}
+        }
+    }
+    out
+}
+
+fn diff_in(
+    current: &MapState,
+    desired: &DesiredState,
+    node_addrs: &BTreeSet<IpAddr>,
+    maglev_m: u32,
+    ids: &mut Ids,
+    scope: Option<&HashSet<ServiceKey>>,
+) -> Changes {
     let mut ch = Changes::default();
+    // The slot entries this diff may look at: all of them, or those of the scope.
+    let relevant: Vec<(&ServiceKey, &ServiceValue)> = match scope {
+        None => current.services.iter().collect(),
+        Some(scope) => scope
+            .iter()
+            .filter_map(|k| current.services.get_key_value(k))
+            .flat_map(|(k, v)| std::iter::once((k, v)).chain(held_slots(current, k)))
+            .collect(),
+    };
 
     let want_addrs: BTreeSet<NodeAddrKey> =
         node_addrs.iter().map(|ip| node_addr_key(*ip)).collect();
@@ -239,7 +290,7 @@ pub fn diff(
     // The backends each service id reaches today, by address.
     let mut service_backends: HashMap<u32, HashMap<Backend, u32>> = HashMap::new();
     let mut backend_service: HashMap<u32, u32> = HashMap::new();
-    for (k, v) in &current.services {
+    for (k, v) in &relevant {
         if k.slot != 0 {
             backend_service.insert(v.backend_id, v.service_id);
             if let Some(b) = current.backends.get(&v.backend_id) {
@@ -363,40 +414,56 @@ pub fn diff(
                 .map(|h| h.count)
                 .unwrap_or(0)
                 .max(slots.len() as u16);
-            for s in (slots.len() as u16 + 1)..=old_count {
+            // Also the slots an unfinished apply wrote past the old count (slots are
+            // written in order, so they end at the first gap).
+            // Deleted from the top down, so that an interrupted cleanup leaves no gap.
+            let mut past = Vec::new();
+            for s in (slots.len() as u16 + 1)..=u16::MAX {
                 let sk = slot_key(fk, s);
                 if current.services.contains_key(&sk) {
-                    ch.cleanup.push((Some(idx), Op::DelSlot(sk)));
+                    past.push((Some(idx), Op::DelSlot(sk)));
+                } else if s > old_count {
+                    break;
                 }
             }
+            ch.cleanup.extend(past.into_iter().rev());
         }
     }
 
     // Frontends that are no longer wanted: slot 0 first, then their slots.
-    let mut gone: Vec<&ServiceKey> = current
-        .services
-        .keys()
+    let mut gone: Vec<&ServiceKey> = relevant
+        .iter()
+        .map(|(k, _)| *k)
         .filter(|k| k.slot == 0 && !wanted_frontends.contains(k))
         .collect();
     gone.sort();
     for k in gone {
         ch.cleanup.push((None, Op::DelSlot(*k)));
     }
-    let mut stray: Vec<&ServiceKey> = current
-        .services
-        .keys()
+    let mut stray: Vec<&ServiceKey> = relevant
+        .iter()
+        .map(|(k, _)| *k)
         .filter(|k| k.slot != 0 && !wanted_frontends.contains(&slot_key(k, 0)))
         .collect();
     stray.sort();
     for k in stray {
         ch.cleanup.push((None, Op::DelSlot(*k)));
     }
-    let mut old_backends: Vec<u32> = current
-        .backends
-        .keys()
-        .copied()
-        .filter(|id| !kept_backends.contains(id))
-        .collect();
+    let scoped_services: Option<HashSet<u32>> =
+        scope.map(|_| relevant.iter().map(|(_, v)| v.service_id).collect());
+    let mut old_backends: Vec<u32> = match &scoped_services {
+        None => current
+            .backends
+            .keys()
+            .copied()
+            .filter(|id| !kept_backends.contains(id))
+            .collect(),
+        Some(_) => backend_service
+            .keys()
+            .copied()
+            .filter(|id| !kept_backends.contains(id) && current.backends.contains_key(id))
+            .collect(),
+    };
     old_backends.sort();
     for id in old_backends {
         // Tied to the plan still using it, so that it stays while that plan's commit fails.
@@ -411,6 +478,7 @@ pub fn diff(
         .keys()
         .copied()
         .filter(|id| !kept_maglev.contains(id))
+        .filter(|id| scoped_services.as_ref().is_none_or(|s| s.contains(id)))
         .collect();
     old_tables.sort();
     for id in old_tables {
