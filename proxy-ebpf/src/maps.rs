@@ -6,16 +6,16 @@ use aya_ebpf::{
 };
 use capstan_proxy_common::*;
 
-/// Entries are allocated on demand: a map sized for 1M Services costs nothing until used.
+/// For maps whose entries are allocated on demand (Maglev tables are large and few; LPM
+/// tries require it). The Service and backend maps are preallocated, as Cilium's are:
+/// inserts then take no allocation, which is what makes programming 10,000 Services fast.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "CS_SVC_V1")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(DEFAULT_SERVICES_MAX, BPF_F_NO_PREALLOC);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
 
 #[map(name = "CS_BACKEND_V1")]
-pub static BACKENDS: HashMap<u32, Backend> =
-    HashMap::pinned(DEFAULT_BACKENDS_MAX, BPF_F_NO_PREALLOC);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MAX, 0);
 
 #[map(name = "CS_REVSK_V1")]
 pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =

@@ -36,6 +36,7 @@ impl<D: Dataplane> Syncer<D> {
         };
         let start = Instant::now();
         let desired = self.model.desired_state(&update.snapshot, &self.ctx);
+        let model_us = start.elapsed().as_micros() as u64;
         let report = tokio::task::block_in_place(|| self.dp.sync(&desired, &self.addrs));
         let took = start.elapsed();
         self.metrics.sync_duration.observe(took.as_secs_f64());
@@ -83,6 +84,7 @@ impl<D: Dataplane> Syncer<D> {
                 backends = desired.backend_count(),
                 writes = report.writes,
                 failed = report.failed_plans.len(),
+                model_us,
                 took_us = took.as_micros() as u64,
                 "synced"
             );

@@ -40,9 +40,11 @@ pub const PROGRAMS: [&str; 8] = [
     "cs_getpeername6",
 ];
 
-/// Default sizes (flags on the agent override them at map creation).
-pub const DEFAULT_SERVICES_MAX: u32 = 1 << 20;
-pub const DEFAULT_BACKENDS_MAX: u32 = 1 << 20;
+/// Default sizes (flags on the agent override them at map creation). The Service map
+/// holds one entry per frontend plus one per backend slot; both it and the backend map are
+/// preallocated (about 20 MiB and 10 MiB of kernel memory at these sizes).
+pub const DEFAULT_SERVICES_MAX: u32 = 1 << 18;
+pub const DEFAULT_BACKENDS_MAX: u32 = 1 << 17;
 pub const DEFAULT_REVERSE_MAX: u32 = 1 << 18;
 pub const DEFAULT_AFFINITY_MAX: u32 = 1 << 16;
 pub const DEFAULT_MAGLEV_MAX: u32 = 1024;

@@ -400,8 +400,8 @@ pub struct Model {
 struct Last {
     services: Vec<*const Service>,
     nodes: Vec<*const Node>,
-    /// Every slice seen, and the Service it belongs to (None: not ours).
-    slices: HashMap<*const EndpointSlice, Option<(String, String)>>,
+    /// The slices seen (kept alive, so their addresses cannot be reused).
+    slices: Vec<Arc<EndpointSlice>>,
     state: DesiredState,
 }
 
@@ -439,16 +439,7 @@ impl Model {
         self.last = Some(Last {
             services,
             nodes,
-            slices: snap
-                .endpoint_slices
-                .iter()
-                .map(|s| {
-                    (
-                        Arc::as_ptr(s),
-                        slice_owner(s).map(|(a, b)| (a.to_string(), b.to_string())),
-                    )
-                })
-                .collect(),
+            slices: snap.endpoint_slices.clone(),
             state: state.clone(),
         });
         state
@@ -463,22 +454,30 @@ impl Model {
         ctx: &NodeContext,
         last: Last,
     ) -> DesiredState {
-        let current: HashSet<*const EndpointSlice> =
-            snap.endpoint_slices.iter().map(Arc::as_ptr).collect();
         let mut affected: HashSet<(String, String)> = HashSet::new();
-        for s in &snap.endpoint_slices {
-            if !last.slices.contains_key(&Arc::as_ptr(s)) {
-                if let Some((ns, name)) = slice_owner(s) {
-                    affected.insert((ns.to_string(), name.to_string()));
+        let mut touch = |s: &EndpointSlice| {
+            if let Some((ns, name)) = slice_owner(s) {
+                affected.insert((ns.to_string(), name.to_string()));
+            }
+        };
+        let (old, new) = (&last.slices, &snap.endpoint_slices);
+        if old.len() == new.len() {
+            // Sources keep their order: compare place by place (pointer compares only).
+            for (o, n) in old.iter().zip(new) {
+                if !Arc::ptr_eq(o, n) {
+                    touch(o);
+                    touch(n);
                 }
             }
-        }
-        for (ptr, owner) in &last.slices {
-            if !current.contains(ptr) {
-                if let Some(o) = owner {
-                    affected.insert(o.clone());
-                }
-            }
+        } else {
+            let before: HashSet<*const EndpointSlice> = old.iter().map(Arc::as_ptr).collect();
+            let after: HashSet<*const EndpointSlice> = new.iter().map(Arc::as_ptr).collect();
+            old.iter()
+                .filter(|s| !after.contains(&Arc::as_ptr(s)))
+                .for_each(|s| touch(s));
+            new.iter()
+                .filter(|s| !before.contains(&Arc::as_ptr(s)))
+                .for_each(|s| touch(s));
         }
         let mut state = last.state;
         if affected.is_empty() {

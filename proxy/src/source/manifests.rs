@@ -46,12 +46,15 @@ pub fn parse(text: &str) -> Result<Vec<Object>, String> {
     // only looks like JSON (`{...}` documents separated by `---`, a YAML flow mapping such
     // as `{kind: Service, ...}`) is valid YAML, so it falls through to the YAML parser.
     if text.trim_start().starts_with('{') {
-        let values: Result<Vec<serde_json::Value>, _> = serde_json::Deserializer::from_str(text)
-            .into_iter::<serde_json::Value>()
-            .collect();
-        if let Ok(values) = values {
-            for (i, value) in values.into_iter().enumerate() {
-                collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+        // JSON documents, held as raw text: a List's items become values one at a time,
+        // so a 100,000-Service file never exists as one big value tree.
+        let docs: Result<Vec<&serde_json::value::RawValue>, _> =
+            serde_json::Deserializer::from_str(text)
+                .into_iter::<&serde_json::value::RawValue>()
+                .collect();
+        if let Ok(docs) = docs {
+            for (i, doc) in docs.into_iter().enumerate() {
+                collect_raw(doc, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
             }
             return Ok(out);
         }
@@ -62,6 +65,30 @@ pub fn parse(text: &str) -> Result<Vec<Object>, String> {
         collect(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
     }
     Ok(out)
+}
+
+/// The envelope of a JSON document: its kind, and a List's items still as raw text.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    kind: Option<String>,
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+fn collect_raw(doc: &serde_json::value::RawValue, out: &mut Vec<Object>) -> Result<(), String> {
+    let env: Envelope = serde_json::from_str(doc.get()).map_err(|e| e.to_string())?;
+    match (env.kind.as_deref(), env.items) {
+        (Some("List" | "ServiceList" | "EndpointSliceList" | "NodeList"), Some(items)) => {
+            for item in items {
+                collect_raw(item, out)?;
+            }
+            Ok(())
+        }
+        _ => collect(
+            serde_json::from_str(doc.get()).map_err(|e| e.to_string())?,
+            out,
+        ),
+    }
 }
 
 fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String> {
@@ -81,11 +108,13 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
         .to_string();
     let obj = match kind.as_str() {
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_array())
-                .cloned()
-                .unwrap_or_default();
+            let items = match value {
+                serde_json::Value::Object(mut m) => match m.remove("items") {
+                    Some(serde_json::Value::Array(items)) => items,
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
             for item in items {
                 collect(item, out)?;
             }

@@ -50,6 +50,19 @@ pub fn trigger_time(
     fn key(s: &EndpointSlice) -> (Option<&String>, Option<&String>) {
         (s.metadata.namespace.as_ref(), s.metadata.name.as_ref())
     }
+    // Sources keep their order: when the lengths match, only the slices that are not the
+    // very same objects as before can carry a new trigger time.
+    if let Some(p) = prev.filter(|p| p.endpoint_slices.len() == snap.endpoint_slices.len()) {
+        return p
+            .endpoint_slices
+            .iter()
+            .zip(&snap.endpoint_slices)
+            .filter(|(o, n)| !Arc::ptr_eq(o, n) && annotation(o) != annotation(n))
+            .filter_map(|(_, n)| annotation(n))
+            .filter_map(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+            .filter(|t| *t >= since)
+            .max();
+    }
     let before: HashMap<_, Option<&String>> = prev
         .map(|p| {
             p.endpoint_slices

@@ -751,14 +751,17 @@ impl EbpfDataplane {
     }
 
     fn sync_inner(&mut self, desired: &DesiredState, node_addrs: &BTreeSet<IpAddr>) -> SyncReport {
+        let t = std::time::Instant::now();
         let changes = self.changes_for(desired, node_addrs);
         if changes.is_empty() {
             return SyncReport::default();
         }
+        let diff_us = t.elapsed().as_micros() as u64;
         debug!(
             prepare = changes.prepare.len(),
             commit = changes.commit.len(),
             cleanup = changes.cleanup.len(),
+            diff_us,
             "applying map changes"
         );
         let removed_udp: Vec<Backend> = changes
@@ -770,7 +773,13 @@ impl EbpfDataplane {
             })
             .filter(|b| b.proto == PROTO_UDP)
             .collect();
+        let t = std::time::Instant::now();
         let mut report = self.apply(&changes);
+        debug!(
+            apply_us = t.elapsed().as_micros() as u64,
+            writes = report.writes,
+            "applied"
+        );
         self.terminate_udp_sockets(removed_udp);
         if !report.full_maps.is_empty() {
             warn!(
