@@ -51,8 +51,9 @@ impl<D: Dataplane> Syncer<D> {
                 .with_label_values(&[map])
                 .set(n as i64);
         }
-        self.metrics.services.set(desired.frontend_count() as i64);
-        self.metrics.endpoints.set(desired.backend_count() as i64);
+        let (frontends, backends) = self.model.counts();
+        self.metrics.services.set(frontends as i64);
+        self.metrics.endpoints.set(backends as i64);
         if self.pending {
             self.pending = false;
             let latency = match update.trigger_time {
@@ -80,8 +81,8 @@ impl<D: Dataplane> Syncer<D> {
         if report.writes > 0 || !report.failed_plans.is_empty() {
             info!(
                 plans = desired.plans.len(),
-                frontends = desired.frontend_count(),
-                backends = desired.backend_count(),
+                frontends,
+                backends,
                 writes = report.writes,
                 failed = report.failed_plans.len(),
                 model_us,

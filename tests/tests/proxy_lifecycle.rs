@@ -700,3 +700,50 @@ fn affinity_never_crosses_services_across_restart() -> Result<()> {
     );
     Ok(())
 }
+
+/// An unreachable API server: the agent (started with `--kubeconfig`) keeps running,
+/// says it retries, answers /healthz, and the data path keeps the state an earlier run
+/// programmed — nothing is torn down because the cluster cannot be read.
+#[test]
+fn unreachable_api_server_keeps_the_last_state() -> Result<()> {
+    let mut fx = ProxyFixture::new()?;
+    fx.write("web.yaml", &fx.web_service("web", VIP4, VIP6, &[0, 1]))?;
+    let vip = std::net::SocketAddr::new(VIP4.parse()?, 80);
+    fx.wait_backends("tcp", vip, &["b0", "b1"])?;
+    fx.stop_agent()?;
+
+    let kubeconfig = fx.topo.scratch_dir().join("unreachable.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}}]\n\
+         users: [{name: u, user: {token: not-a-real-token}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )?;
+    let agent = fx.topo.spawn(
+        fx.node.netns(),
+        false,
+        Command::new(capstan_tests::bin_path("capstan-proxy")?)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--bpffs-dir")
+            .arg(fx.topo.bpffs_dir())
+            .arg("--cgroup-path")
+            .arg(fx.topo.cgroup_path())
+            .args([
+                "--hostname-override",
+                fx.node_name(),
+                "--healthz-bind-address",
+                HEALTHZ,
+            ]),
+    )?;
+    wait_until(Duration::from_secs(20), || {
+        Ok(agent.stderr().contains("watch failed"))
+    })
+    .with_context(|| format!("no retry logged\n{}", agent.log()))?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(agent.is_running(), "the agent exited:\n{}", agent.log());
+    let (status, _, body) = fx.http_get(&format!("http://{HEALTHZ}/healthz"))?;
+    ensure!(status == 200, "healthz {status}: {body}");
+    fx.expect_spread("tcp", vip, 20, &["b0", "b1"], false)
+        .with_context(|| agent.log())?;
+    Ok(())
+}

@@ -395,6 +395,8 @@ pub struct Model {
     ctx: Option<NodeContext>,
     /// The inputs and output of the last evaluation, for the fast path.
     last: Option<Last>,
+    /// Frontends and backends in the last state (kept without walking it).
+    counts: (usize, usize),
 }
 
 struct Last {
@@ -422,6 +424,11 @@ fn slice_owner(s: &EndpointSlice) -> Option<(&str, &str)> {
 unsafe impl Send for Model {}
 
 impl Model {
+    /// (frontends, backends) of the state last returned.
+    pub fn counts(&self) -> (usize, usize) {
+        self.counts
+    }
+
     pub fn desired_state(&mut self, snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
         if self.ctx.as_ref() != Some(ctx) {
             self.cache.clear();
@@ -483,23 +490,25 @@ impl Model {
         if affected.is_empty() {
             return state;
         }
-        let mut their_slices: HashMap<(String, String), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        // The affected Services' slices, found without allocating per slice.
+        let names: HashSet<(&str, &str)> = affected
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let mut their_slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
         for s in &snap.endpoint_slices {
-            if let Some((ns, name)) = slice_owner(s) {
-                if affected.contains(&(ns.to_string(), name.to_string())) {
-                    their_slices
-                        .entry((ns.to_string(), name.to_string()))
-                        .or_default()
-                        .push(s);
-                }
+            if let Some(owner) = slice_owner(s).filter(|o| names.contains(o)) {
+                their_slices.entry(owner).or_default().push(s);
             }
         }
         let zone = self.cache.values().next().and_then(|c| c.zone.clone());
-        for key in affected {
-            let Some(cached) = self.cache.get_mut(&key) else {
+        for key in &affected {
+            let Some(cached) = self.cache.get_mut(key) else {
                 continue;
             };
-            let slices: Vec<&Arc<EndpointSlice>> = their_slices.remove(&key).unwrap_or_default();
+            let slices: Vec<&Arc<EndpointSlice>> = their_slices
+                .remove(&(key.0.as_str(), key.1.as_str()))
+                .unwrap_or_default();
             let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
             let plans = service_plans(&cached.service, &key.0, &key.1, &refs, ctx, zone.as_deref());
             if let Ok(plans) = &plans {
@@ -508,6 +517,8 @@ impl Model {
                     // resolved frontends, take the new backends.
                     if let Some(old) = state.plans.get(pkey) {
                         if old.backends != plan.backends {
+                            self.counts.1 = (self.counts.1 + plan.backends.len())
+                                .saturating_sub(old.backends.len());
                             let mut p = old.clone();
                             p.backends = plan.backends.clone();
                             state.plans.insert(pkey.clone(), p);
@@ -622,6 +633,10 @@ impl Model {
             seen.insert(key);
         }
         self.cache.retain(|k, _| seen.contains(k));
+        self.counts = (
+            out.iter().map(|(_, p)| p.frontends.len()).sum(),
+            out.iter().map(|(_, p)| p.backends.len()).sum(),
+        );
         DesiredState {
             plans: out.into_iter().collect(),
         }

@@ -1689,6 +1689,10 @@ fn cached_model_matches_a_fresh_evaluation() {
     let fast = model.desired_state(&snap, &c);
     assert_eq!(fast, desired_state(&snap, &c));
     assert_eq!(
+        model.counts(),
+        (fast.frontend_count(), fast.backend_count())
+    );
+    assert_eq!(
         http_plan(&fast, "web", Family::V4, Scope::Internal)
             .backends
             .len(),
@@ -1696,7 +1700,9 @@ fn cached_model_matches_a_fresh_evaluation() {
     );
     // A slice disappears.
     snap.endpoint_slices.remove(0);
-    assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
+    let st = model.desired_state(&snap, &c);
+    assert_eq!(st, desired_state(&snap, &c));
+    assert_eq!(model.counts(), (st.frontend_count(), st.backend_count()));
     // A Service changes (the full path, with the other one cached).
     snap.services[0] = Arc::new(service(
         "web",

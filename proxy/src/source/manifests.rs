@@ -197,6 +197,10 @@ struct FileState {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// How many times each object id appears across files, kept as files change, so a
+    /// snapshot only pays for de-duplication when there is a duplicate.
+    ids: HashMap<(&'static str, String, String), u32>,
+    duplicates: usize,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -214,6 +218,8 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
+            ids: HashMap::new(),
+            duplicates: 0,
         }
     }
 
@@ -250,7 +256,10 @@ impl ManifestDir {
                     if let Some(old) = self.files.get(&path) {
                         keep_unchanged(&old.objects, &mut objects);
                     }
-                    self.files.insert(path, FileState { stamp, objects });
+                    self.count_ids(&objects, true);
+                    if let Some(old) = self.files.insert(path, FileState { stamp, objects }) {
+                        self.count_ids(&old.objects, false);
+                    }
                     changed = true;
                 }
                 Err(e) => {
@@ -266,8 +275,39 @@ impl ManifestDir {
             }
         }
         let before = self.files.len();
-        self.files.retain(|p, _| present.contains(p));
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(old) = self.files.remove(&p) {
+                self.count_ids(&old.objects, false);
+            }
+        }
         Ok(changed || before != self.files.len())
+    }
+
+    fn count_ids(&mut self, objects: &[Object], add: bool) {
+        for o in objects {
+            let (kind, ns, name) = o.id();
+            let n = self
+                .ids
+                .entry((kind, ns.to_string(), name.to_string()))
+                .or_insert(0);
+            let was_dup = *n > 1;
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+            }
+            match (was_dup, *n > 1) {
+                (false, true) => self.duplicates += 1,
+                (true, false) => self.duplicates -= 1,
+                _ => {}
+            }
+        }
     }
 
     /// Everything the directory holds. The first of two objects with the same kind,
@@ -278,7 +318,7 @@ impl ManifestDir {
         for (path, file) in &self.files {
             for obj in &file.objects {
                 let id = obj.id();
-                if !seen.insert(id) {
+                if self.duplicates > 0 && !seen.insert(id) {
                     warn!(file = %path.display(), kind = id.0, namespace = %id.1, name = %id.2, "duplicate object ignored");
                     continue;
                 }
@@ -331,8 +371,7 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
         }
         tokio::select! {
             Some(()) = ev_rx.recv() => {
-                // Coalesce a burst of events (an editor writing a file in steps).
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Coalesce what is already queued (one change can raise several events).
                 while ev_rx.try_recv().is_ok() {}
             }
             _ = rescan.tick() => {}
