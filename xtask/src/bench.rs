@@ -279,12 +279,15 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     std::fs::remove_file(dir.join("fillers.json"))?;
     wait_synced(&agent, seen, 0, Instant::now(), Duration::from_secs(120))?;
 
-    write_atomic(&dir, "target.json", &target("10.244.1.10"))?;
     let mut current_backend = "b1";
+    let mut first = true;
     for &n in &counts {
         eprintln!("bench: {n} Services");
         let seen = synced_lines(&agent).len();
         let t = Instant::now();
+        if std::mem::take(&mut first) {
+            write_atomic(&dir, "target.json", &target("10.244.1.10"))?;
+        }
         if n > 1 {
             write_atomic(&dir, "fillers.json", &fillers(n - 1))?;
         } else {
