@@ -205,12 +205,13 @@ impl Flags {
         };
         let s = |k: &str| file.get(k).and_then(|v| v.as_str()).map(str::to_string);
 
-        if let Some(mode) = s("mode").filter(|m| !m.is_empty()) {
-            if mode != "ebpf" && self.proxy_mode.is_none() {
-                return Err(format!(
-                    "proxy mode {mode:?} is not available yet; use ebpf"
-                ));
-            }
+        if let Some(mode) = s("mode").filter(|m| !m.is_empty())
+            && mode != "ebpf"
+            && self.proxy_mode.is_none()
+        {
+            return Err(format!(
+                "proxy mode {mode:?} is not available yet; use ebpf"
+            ));
         }
         let node_name = match self
             .hostname_override

@@ -1145,7 +1145,7 @@ fn read_lossy(p: &Path) -> String {
 }
 
 /// The last `max` bytes of `s` (on a char boundary).
-fn tail(s: &str, max: usize) -> &str {
+pub fn tail(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -61,17 +61,7 @@ pub fn bname(i: usize) -> String {
     format!("b{i}")
 }
 
-/// The last `max` bytes of `s` (on a char boundary).
-fn tail(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut i = s.len() - max;
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
-}
+use crate::tail;
 
 /// Whether an errno means "the address was not translated and went nowhere" in a
 /// topology without routes off the machine.

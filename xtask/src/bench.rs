@@ -12,8 +12,6 @@ use capstan_tests::{Proc, Topology, bin_path, require_root};
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::{cargo, run as run_cmd};
-
 #[derive(Subcommand)]
 pub enum Which {
     /// ClusterIP versus direct pod IP.
@@ -202,15 +200,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         json: json_path,
     } = which;
     require_root();
-    run_cmd(cargo().current_dir(root).args([
-        "build",
-        "--release",
-        "-p",
-        "capstan-proxy",
-        "-p",
-        "capstan-tests",
-        "--bins",
-    ]))?;
+    crate::build_bins(root, true)?;
     // SAFETY: single-threaded here; the harness reads it when it looks for binaries.
     unsafe { std::env::set_var(capstan_tests::ENV_BIN_DIR, root.join("target/release")) };
 

@@ -6,8 +6,6 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use capstan_tests::{Topology, bin_path, require_root};
 
-use crate::{cargo, run as run_cmd};
-
 const MANIFEST: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: demo}
@@ -48,14 +46,7 @@ spec:
 
 pub fn run(root: &Path) -> Result<()> {
     require_root();
-    run_cmd(cargo().current_dir(root).args([
-        "build",
-        "-p",
-        "capstan-proxy",
-        "-p",
-        "capstan-tests",
-        "--bins",
-    ]))?;
+    crate::build_bins(root, false)?;
     let topo = Topology::new()?;
     let node = topo.node("node1")?;
     let a = topo.pod(

@@ -69,6 +69,16 @@ pub fn wait_for_log(
     Ok(())
 }
 
+/// Builds the binaries the harness runs (the agent and the test helpers).
+pub fn build_bins(root: &std::path::Path, release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(root).arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd.args(["-p", "capstan-proxy", "-p", "capstan-tests", "--bins"]))
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
@@ -104,14 +114,7 @@ fn test(root: &std::path::Path, args: &[String]) -> Result<()> {
     ebpf::ensure_toolchain()?;
     ebpf::build(root, true)?;
     // The integration tests run the real binaries: build them first so none is stale.
-    run(cargo().current_dir(root).args([
-        "build",
-        "-p",
-        "capstan-proxy",
-        "-p",
-        "capstan-tests",
-        "--bins",
-    ]))?;
+    build_bins(root, false)?;
     let mut cmd = cargo();
     cmd.current_dir(root).args(["test", "--no-fail-fast"]); // default members: proxy-ebpf builds only for BPF
     if !args.is_empty() {

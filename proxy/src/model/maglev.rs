@@ -28,7 +28,7 @@ pub fn is_prime(m: u32) -> bool {
     }
     let mut d = 2u32;
     while (d as u64) * (d as u64) <= m as u64 {
-        if m % d == 0 {
+        if m.is_multiple_of(d) {
             return false;
         }
         d += 1;

@@ -183,10 +183,10 @@ pub enum Skip {
 /// Decides whether a Service is ours to proxy.
 pub fn skip_reason(svc: &Service, ctx: &NodeContext) -> Option<Skip> {
     let labels = svc.metadata.labels.as_ref();
-    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
-        if ctx.service_proxy_name.as_deref() != Some(proxy.as_str()) {
-            return Some(Skip::OtherProxy(proxy.clone()));
-        }
+    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+        && ctx.service_proxy_name.as_deref() != Some(proxy.as_str())
+    {
+        return Some(Skip::OtherProxy(proxy.clone()));
     }
     let spec = match &svc.spec {
         Some(s) => s,
@@ -515,14 +515,14 @@ impl Model {
                 for (pkey, plan) in plans {
                     // Frontends (and who owns them) do not change with slices: keep the
                     // resolved frontends, take the new backends.
-                    if let Some(old) = state.plans.get(pkey) {
-                        if old.backends != plan.backends {
-                            self.counts.1 = (self.counts.1 + plan.backends.len())
-                                .saturating_sub(old.backends.len());
-                            let mut p = old.clone();
-                            p.backends = plan.backends.clone();
-                            state.plans.insert(pkey.clone(), p);
-                        }
+                    if let Some(old) = state.plans.get(pkey)
+                        && old.backends != plan.backends
+                    {
+                        self.counts.1 = (self.counts.1 + plan.backends.len())
+                            .saturating_sub(old.backends.len());
+                        let mut p = old.clone();
+                        p.backends = plan.backends.clone();
+                        state.plans.insert(pkey.clone(), p);
                     }
                 }
             }

@@ -135,15 +135,15 @@ fn until(addr: SocketAddr, name: &str, timeout_ms: u64) {
     println!("ready");
     let _ = std::io::stdout().flush();
     while Instant::now() < end {
-        if let Ok(n) = one(addr, &mut buf) {
-            if std::str::from_utf8(&buf[..n]).map(|s| s.trim()) == Ok(name) {
-                let at = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                println!("at_ns={at}");
-                return;
-            }
+        if let Ok(n) = one(addr, &mut buf)
+            && std::str::from_utf8(&buf[..n]).map(|s| s.trim()) == Ok(name)
+        {
+            let at = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            println!("at_ns={at}");
+            return;
         }
     }
     println!("timeout");

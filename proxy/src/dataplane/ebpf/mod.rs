@@ -308,7 +308,7 @@ impl EbpfDataplane {
                 });
                 let n = t.len().min(MAGLEV_MAX_TABLE);
                 table.table[..n].copy_from_slice(&t[..n]);
-                self.maglev.insert(id, &*table, 0)
+                self.maglev.insert(id, *table, 0)
             }
             Op::DelSlot(k) => ignore_missing(self.services.remove(k)),
             Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
@@ -525,18 +525,18 @@ fn batched(
         let from = out.len();
         let r = call(from);
         out.extend((0..r.done).map(|_| Ok(())));
-        if let Some(e) = r.error {
-            if out.len() < n {
-                if deleting && e.raw_os_error() == Some(libc::ENOENT) {
-                    out.push(Ok(()));
-                } else if !deleting && e.raw_os_error() == Some(libc::E2BIG) {
-                    // The map is full: nothing else fits in this pass.
-                    while out.len() < n {
-                        out.push(Err(std::io::Error::from_raw_os_error(libc::E2BIG)));
-                    }
-                } else {
-                    out.push(Err(e));
+        if let Some(e) = r.error
+            && out.len() < n
+        {
+            if deleting && e.raw_os_error() == Some(libc::ENOENT) {
+                out.push(Ok(()));
+            } else if !deleting && e.raw_os_error() == Some(libc::E2BIG) {
+                // The map is full: nothing else fits in this pass.
+                while out.len() < n {
+                    out.push(Err(std::io::Error::from_raw_os_error(libc::E2BIG)));
                 }
+            } else {
+                out.push(Err(e));
             }
         }
     }

@@ -318,10 +318,10 @@ fn diff_in(
         // Reuse the service id most of its frontends already carry.
         let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
         for fk in &fkeys {
-            if let Some(v) = current.services.get(fk) {
-                if !claimed_services.contains(&v.service_id) {
-                    *votes.entry(v.service_id).or_default() += 1;
-                }
+            if let Some(v) = current.services.get(fk)
+                && !claimed_services.contains(&v.service_id)
+            {
+                *votes.entry(v.service_id).or_default() += 1;
             }
         }
         let service_id = votes

@@ -34,10 +34,10 @@ fn namespaces(cgroup: &Path) -> BTreeMap<String, File> {
                     continue;
                 };
                 let id = id.to_string_lossy().into_owned();
-                if !out.contains_key(&id) {
-                    if let Ok(f) = File::open(&link) {
-                        out.insert(id, f);
-                    }
+                if !out.contains_key(&id)
+                    && let Ok(f) = File::open(&link)
+                {
+                    out.insert(id, f);
                 }
             }
         }

@@ -46,7 +46,7 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
     match nix::sys::statfs::statfs(path) {
-        Ok(st) => Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC),
+        Ok(st) => Ok(st.filesystem_type().0 == BPF_FS_MAGIC),
         Err(nix::errno::Errno::ENOENT) => Ok(false),
         Err(e) => Err(e.into()),
     }
