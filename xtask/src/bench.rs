@@ -232,21 +232,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let max = counts.iter().copied().max().unwrap_or(1).max(10_000);
     let map_size = ((max + 1) * (ENDPOINTS_PER_SERVICE + 1) + 1024) as u32;
-    let mut cmd = Command::new(bin_path("capstan-proxy")?);
-    cmd.arg("--manifests")
-        .arg(&dir)
-        .arg("--bpffs-dir")
-        .arg(topo.bpffs_dir())
-        .arg("--cgroup-path")
-        .arg(topo.cgroup_path());
-    cmd.args([
-        "--hostname-override",
-        "node1",
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-    ]);
+    let mut cmd = crate::agent_command(&topo, &dir)?;
     cmd.arg("--bpf-lb-service-map-max")
         .arg(map_size.to_string());
     cmd.arg("--bpf-lb-backend-map-max")

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use capstan_tests::{Topology, bin_path, require_root};
+use capstan_tests::{Topology, require_root};
 
 const MANIFEST: &str = r#"apiVersion: v1
 kind: Service
@@ -75,21 +75,7 @@ pub fn run(root: &Path) -> Result<()> {
     let dir = topo.scratch_dir().join("manifests");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("demo.yaml"), MANIFEST)?;
-    let mut cmd = std::process::Command::new(bin_path("capstan-proxy")?);
-    cmd.arg("--manifests")
-        .arg(&dir)
-        .arg("--bpffs-dir")
-        .arg(topo.bpffs_dir())
-        .arg("--cgroup-path")
-        .arg(topo.cgroup_path())
-        .args([
-            "--hostname-override",
-            "node1",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ]);
+    let mut cmd = crate::agent_command(&topo, &dir)?;
     println!(
         "$ capstan-proxy --manifests {} --bpffs-dir {} --cgroup-path {}",
         dir.display(),

@@ -69,6 +69,25 @@ pub fn wait_for_log(
     Ok(())
 }
 
+/// capstan-proxy standalone on a topology's node `node1`: its manifests, cgroup and bpffs
+/// directory, health and metrics inside the node's namespace.
+pub fn agent_command(
+    topo: &capstan_tests::Topology,
+    manifests: &std::path::Path,
+) -> Result<Command> {
+    let mut cmd = Command::new(capstan_tests::bin_path("capstan-proxy")?);
+    cmd.arg("--manifests")
+        .arg(manifests)
+        .arg("--bpffs-dir")
+        .arg(topo.bpffs_dir())
+        .arg("--cgroup-path")
+        .arg(topo.cgroup_path())
+        .args(["--hostname-override", "node1"])
+        .args(["--healthz-bind-address", "127.0.0.1:10256"])
+        .args(["--metrics-bind-address", "127.0.0.1:10249"]);
+    Ok(cmd)
+}
+
 /// Builds the binaries the harness runs (the agent and the test helpers).
 pub fn build_bins(root: &std::path::Path, release: bool) -> Result<()> {
     let mut cmd = cargo();
