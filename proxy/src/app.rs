@@ -87,6 +87,7 @@ impl<D: Dataplane> Syncer<D> {
                 failed = report.failed_plans.len(),
                 model_us,
                 took_us = took.as_micros() as u64,
+                since_change_us = update.observed_at.elapsed().as_micros() as u64,
                 "synced"
             );
         }

@@ -97,8 +97,17 @@ fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The agent's "synced" log lines so far, parsed (frontends, writes, took_us).
-fn synced_lines(agent: &Proc) -> Vec<(usize, usize, u64)> {
+/// One "synced" log line of the agent.
+struct Synced {
+    frontends: usize,
+    took_us: u64,
+    model_us: u64,
+    /// From the source noticing the change to the maps holding it.
+    since_change_us: u64,
+}
+
+/// The agent's "synced" log lines so far, parsed.
+fn synced_lines(agent: &Proc) -> Vec<Synced> {
     agent
         .stderr()
         .lines()
@@ -110,11 +119,12 @@ fn synced_lines(agent: &Proc) -> Vec<(usize, usize, u64)> {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            (
-                field("frontends") as usize,
-                field("writes") as usize,
-                field("took_us"),
-            )
+            Synced {
+                frontends: field("frontends") as usize,
+                took_us: field("took_us"),
+                model_us: field("model_us"),
+                since_change_us: field("since_change_us"),
+            }
         })
         .collect()
 }
@@ -129,8 +139,8 @@ fn wait_synced(
 ) -> Result<(u64, Duration)> {
     loop {
         let lines = synced_lines(agent);
-        if let Some((_, _, took)) = lines.iter().skip(seen).find(|(f, _, _)| *f == frontends) {
-            return Ok((*took, start.elapsed()));
+        if let Some(l) = lines.iter().skip(seen).find(|l| l.frontends == frontends) {
+            return Ok((l.took_us, start.elapsed()));
         }
         if start.elapsed() > timeout {
             bail!(
@@ -294,6 +304,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         }
         // EndpointSlice change -> data path: flip the target between b1 and b2.
         let mut lat_ms = Vec::new();
+        let seen_before_changes = synced_lines(&agent).len();
         for _ in 0..changes {
             let (next, addr) = if current_backend == "b1" {
                 ("b2", "10.244.1.11")
@@ -319,6 +330,18 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             lat_ms.push((at.saturating_sub(t0)) as f64 / 1e6);
             current_backend = next;
         }
+        // The agent's own share of each change: source noticed -> maps written.
+        let lines = synced_lines(&agent);
+        let mut agent_ms: Vec<f64> = lines
+            .iter()
+            .skip(seen_before_changes)
+            .map(|l| l.since_change_us as f64 / 1e3)
+            .collect();
+        let mut model_ms: Vec<f64> = lines
+            .iter()
+            .skip(seen_before_changes)
+            .map(|l| l.model_us as f64 / 1e3)
+            .collect();
         let (rss, hwm) = rss_kib(agent.pid());
         let r = json!({
             "services": n,
@@ -329,6 +352,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             "sync_us": sync_us,
             "program_wall_ms": wall.as_secs_f64() * 1e3,
             "slice_change_ms": {"p50": percentile(&mut lat_ms, 0.5), "p99": percentile(&mut lat_ms, 0.99), "max": percentile(&mut lat_ms, 1.0)},
+            "slice_change_agent_ms": {"p50": percentile(&mut agent_ms, 0.5), "p99": percentile(&mut agent_ms, 0.99), "model_p50": percentile(&mut model_ms, 0.5)},
             "agent_rss_kib": rss,
             "agent_peak_rss_kib": hwm,
         });

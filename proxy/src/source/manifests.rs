@@ -350,10 +350,13 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
     let mut previous: Option<Arc<Snapshot>> = None;
     let mut rescan = tokio::time::interval(Duration::from_secs(2));
     loop {
+        let t0 = Instant::now();
         match md.refresh() {
             Ok(changed) if changed || first => {
                 first = false;
+                let read_us = t0.elapsed().as_micros() as u64;
                 let snapshot = Arc::new(md.snapshot());
+                debug!(read_us, snapshot_us = t0.elapsed().as_micros() as u64 - read_us, "manifests re-read");
                 let update = Update {
                     trigger_time: trigger_time(previous.as_deref(), &snapshot, started),
                     snapshot: snapshot.clone(),
