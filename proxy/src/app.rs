@@ -73,7 +73,7 @@ impl<D: Dataplane> Syncer<D> {
             );
             self.health.updated();
         }
-        let eligible = !update.snapshot.nodes.iter().any(|n| {
+        let eligible = !update.snapshot.nodes.values().any(|n| {
             n.metadata.name.as_deref() == Some(self.ctx.node_name.as_str())
                 && n.metadata.deletion_timestamp.is_some()
         });

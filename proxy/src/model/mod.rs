@@ -5,13 +5,17 @@
 //! frontends that answer for it and the backends they may use. The state is the same for
 //! every data-plane mode; the modes only differ in how they hand it to the kernel.
 pub mod maglev;
+mod snapshot;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+pub use snapshot::{Kind, ObjectKey, Objects, Shared, Snapshot, key_of};
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use tracing::warn;
 
@@ -28,17 +32,6 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 pub const ANNOTATION_LB_ALGORITHM: &str = "service.capstan.io/lb-algorithm";
 /// kube-apiserver's default for sessionAffinityConfig.clientIP.timeoutSeconds.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
-
-/// Everything the model reads. Objects are taken as they are; invalid ones are skipped
-/// with a log line.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    /// Shared, so that a new snapshot costs no copies and an object that did not change is
-    /// the very same object (the model's cache relies on it).
-    pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    pub nodes: Vec<Arc<Node>>,
-}
 
 /// Who we are and how we were asked to balance.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -378,45 +371,47 @@ pub fn desired_state(snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
 
 type Plans = Result<Vec<(PlanKey, Plan)>, String>;
 
+/// Below this many Services to evaluate, one thread does it.
+const PARALLEL_EVALUATION_MIN: usize = 512;
+
 /// What one Service gave last time, and from which objects.
 struct Cached {
-    service: Arc<Service>,
+    service: Shared<Service>,
     slices: Vec<*const EndpointSlice>,
     zone: Option<String>,
     plans: Plans,
 }
 
 /// [`desired_state`] with memory: a Service whose object, slices and node zone are the very
-/// same (shared) objects as last time is not evaluated again, so one EndpointSlice change
-/// costs one Service's work, not the cluster's.
+/// same (shared) objects as last time is not evaluated again, and when only EndpointSlices
+/// changed, only the Services they feed are looked at: one EndpointSlice change costs one
+/// Service's work, not the cluster's.
 #[derive(Default)]
 pub struct Model {
-    cache: HashMap<(String, String), Cached>,
+    cache: HashMap<ObjectKey, Cached>,
     ctx: Option<NodeContext>,
-    /// The inputs and output of the last evaluation, for the fast path.
-    last: Option<Last>,
+    /// The last snapshot (which also keeps the objects `cache` points at alive) and the
+    /// state it gave.
+    last: Option<(Snapshot, DesiredState)>,
+    /// Each Service's EndpointSlices (keys), kept as slices come and go.
+    slices_of: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Frontends and backends in the last state (kept without walking it).
     counts: (usize, usize),
 }
 
-struct Last {
-    services: Vec<*const Service>,
-    nodes: Vec<*const Node>,
-    /// The slices seen (kept alive, so their addresses cannot be reused).
-    slices: Vec<Arc<EndpointSlice>>,
-    state: DesiredState,
-}
-
 /// The Service an EndpointSlice feeds, if any (headless slices feed none).
-fn slice_owner(s: &EndpointSlice) -> Option<(&str, &str)> {
+fn slice_owner(s: &EndpointSlice) -> Option<ObjectKey> {
     let labels = s.metadata.labels.as_ref()?;
     if labels.contains_key(LABEL_HEADLESS) {
         return None;
     }
     let svc = labels.get(LABEL_SERVICE_NAME)?;
     Some((
-        s.metadata.namespace.as_deref().unwrap_or("default"),
-        svc.as_str(),
+        s.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        svc.clone(),
     ))
 }
 
@@ -435,21 +430,34 @@ impl Model {
             self.last = None;
             self.ctx = Some(ctx.clone());
         }
-        let services: Vec<*const Service> = snap.services.iter().map(Arc::as_ptr).collect();
-        let nodes: Vec<*const Node> = snap.nodes.iter().map(Arc::as_ptr).collect();
-        let state = match self.last.take() {
-            Some(last) if last.services == services && last.nodes == nodes => {
-                self.only_slices_changed(snap, ctx, last)
+        // Held until the new state is made: the cache points into its objects.
+        let last = self.last.take();
+        let state = match &last {
+            Some((prev, state))
+                if prev.services.diff(&snap.services).next().is_none()
+                    && prev.nodes.diff(&snap.nodes).next().is_none() =>
+            {
+                self.only_slices_changed(prev, snap, ctx, state.clone())
             }
             _ => self.evaluate_all(snap, ctx),
         };
-        self.last = Some(Last {
-            services,
-            nodes,
-            slices: snap.endpoint_slices.clone(),
-            state: state.clone(),
-        });
+        self.last = Some((snap.clone(), state.clone()));
+        drop(last);
         state
+    }
+
+    fn index_slice(&mut self, key: &ObjectKey, slice: &EndpointSlice, add: bool) {
+        let Some(owner) = slice_owner(slice) else {
+            return;
+        };
+        if add {
+            self.slices_of.entry(owner).or_default().insert(key.clone());
+        } else if let Some(set) = self.slices_of.get_mut(&owner) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_of.remove(&owner);
+            }
+        }
     }
 
     /// The fast path: the same Services and Nodes as last time, so frontends and their
@@ -457,48 +465,27 @@ impl Model {
     /// their backends patched into the last state.
     fn only_slices_changed(
         &mut self,
+        prev: &Snapshot,
         snap: &Snapshot,
         ctx: &NodeContext,
-        last: Last,
+        mut state: DesiredState,
     ) -> DesiredState {
-        let mut affected: HashSet<(String, String)> = HashSet::new();
-        let mut touch = |s: &EndpointSlice| {
-            if let Some((ns, name)) = slice_owner(s) {
-                affected.insert((ns.to_string(), name.to_string()));
-            }
-        };
-        let (old, new) = (&last.slices, &snap.endpoint_slices);
-        if old.len() == new.len() {
-            // Sources keep their order: compare place by place (pointer compares only).
-            for (o, n) in old.iter().zip(new) {
-                if !Arc::ptr_eq(o, n) {
-                    touch(o);
-                    touch(n);
+        let mut affected: BTreeSet<ObjectKey> = BTreeSet::new();
+        for change in prev.endpoint_slices.diff(&snap.endpoint_slices) {
+            let (old, new) = match change {
+                imbl::ordmap::DiffItem::Add(k, v) => (None, Some((k, v))),
+                imbl::ordmap::DiffItem::Update { old, new } => (Some(old), Some(new)),
+                imbl::ordmap::DiffItem::Remove(k, v) => (Some((k, v)), None),
+            };
+            for ((key, slice), add) in old
+                .into_iter()
+                .map(|o| (o, false))
+                .chain(new.map(|n| (n, true)))
+            {
+                if let Some(owner) = slice_owner(slice) {
+                    affected.insert(owner);
                 }
-            }
-        } else {
-            let before: HashSet<*const EndpointSlice> = old.iter().map(Arc::as_ptr).collect();
-            let after: HashSet<*const EndpointSlice> = new.iter().map(Arc::as_ptr).collect();
-            old.iter()
-                .filter(|s| !after.contains(&Arc::as_ptr(s)))
-                .for_each(|s| touch(s));
-            new.iter()
-                .filter(|s| !before.contains(&Arc::as_ptr(s)))
-                .for_each(|s| touch(s));
-        }
-        let mut state = last.state;
-        if affected.is_empty() {
-            return state;
-        }
-        // The affected Services' slices, found without allocating per slice.
-        let names: HashSet<(&str, &str)> = affected
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        let mut their_slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-        for s in &snap.endpoint_slices {
-            if let Some(owner) = slice_owner(s).filter(|o| names.contains(o)) {
-                their_slices.entry(owner).or_default().push(s);
+                self.index_slice(key, slice, add);
             }
         }
         let zone = self.cache.values().next().and_then(|c| c.zone.clone());
@@ -506,10 +493,14 @@ impl Model {
             let Some(cached) = self.cache.get_mut(key) else {
                 continue;
             };
-            let slices: Vec<&Arc<EndpointSlice>> = their_slices
-                .remove(&(key.0.as_str(), key.1.as_str()))
-                .unwrap_or_default();
-            let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+            let slices: Vec<&Shared<EndpointSlice>> = self
+                .slices_of
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| snap.endpoint_slices.get(k))
+                .collect();
+            let refs: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
             let plans = service_plans(&cached.service, &key.0, &key.1, &refs, ctx, zone.as_deref());
             if let Ok(plans) = &plans {
                 for (pkey, plan) in plans {
@@ -526,7 +517,7 @@ impl Model {
                     }
                 }
             }
-            cached.slices = slices.iter().map(|s| Arc::as_ptr(s)).collect();
+            cached.slices = slices.iter().map(|s| s.as_ptr()).collect();
             cached.plans = plans;
         }
         state
@@ -537,25 +528,17 @@ impl Model {
     fn evaluate_all(&mut self, snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
         let zone = snap
             .nodes
-            .iter()
+            .values()
             .find(|n| n.metadata.name.as_deref() == Some(ctx.node_name.as_str()))
             .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
 
-        // Slices by (namespace, service name); headless slices are not ours.
-        let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-        for s in &snap.endpoint_slices {
-            let labels = s.metadata.labels.as_ref();
-            if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-                continue;
-            }
-            let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-                continue;
-            };
-            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-            slices.entry((ns, svc.as_str())).or_default().push(s);
+        // Slices by Service; headless slices are not ours.
+        self.slices_of.clear();
+        for (key, s) in &snap.endpoint_slices {
+            self.index_slice(key, s, true);
         }
 
-        let mut services: Vec<&Arc<Service>> = snap.services.iter().collect();
+        let mut services: Vec<&Shared<Service>> = snap.services.values().collect();
         // Older Services win a conflict over a frontend, as the API server would have let
         // only the first one have the address.
         services.sort_by(|a, b| {
@@ -571,39 +554,77 @@ impl Model {
             );
             ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
         });
+        // Services to evaluate again (not in the cache, or changed), evaluated on every
+        // core: this is most of the work when a large cluster is programmed from nothing.
+        let services: Vec<(&Shared<Service>, ObjectKey)> = services
+            .into_iter()
+            .filter(|svc| skip_reason(svc, ctx).is_none())
+            .map(|svc| (svc, svc.key()))
+            .collect();
+        let misses: Vec<(&Shared<Service>, &ObjectKey, Vec<&Shared<EndpointSlice>>)> = services
+            .iter()
+            .filter_map(|(svc, key)| {
+                let svc_slices: Vec<&Shared<EndpointSlice>> = self
+                    .slices_of
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| snap.endpoint_slices.get(k))
+                    .collect();
+                let hit = self.cache.get(key).is_some_and(|c| {
+                    c.service == **svc
+                        && c.zone == zone
+                        && c.slices
+                            .iter()
+                            .copied()
+                            .eq(svc_slices.iter().map(|s| s.as_ptr()))
+                });
+                (!hit).then_some((*svc, key, svc_slices))
+            })
+            .collect();
+        let evaluate = |part: &[(&Shared<Service>, &ObjectKey, Vec<&Shared<EndpointSlice>>)]| {
+            part.iter()
+                .map(|(svc, key, slices)| {
+                    let refs: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
+                    service_plans(svc, &key.0, &key.1, &refs, ctx, zone.as_deref())
+                })
+                .collect::<Vec<Plans>>()
+        };
+        let evaluated: Vec<Plans> = if misses.len() >= PARALLEL_EVALUATION_MIN {
+            let (lower, upper) = misses.split_at(misses.len() / 2);
+            std::thread::scope(|s| {
+                let upper = s.spawn(|| evaluate(upper));
+                let mut out = evaluate(lower);
+                out.extend(
+                    upper
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                );
+                out
+            })
+        } else {
+            evaluate(&misses)
+        };
+        for ((svc, key, slices), plans) in misses.iter().zip(evaluated) {
+            if let Err(e) = &plans {
+                warn!(service = %format!("{}/{}", key.0, key.1), error = %e, "Service skipped");
+            }
+            self.cache.insert(
+                (*key).clone(),
+                Cached {
+                    service: (*svc).clone(),
+                    slices: slices.iter().map(|s| s.as_ptr()).collect(),
+                    zone: zone.clone(),
+                    plans,
+                },
+            );
+        }
+
         let mut out: Vec<(PlanKey, Plan)> = Vec::new();
         let mut owner: HashMap<Frontend, usize> = HashMap::new();
-        let mut seen: HashSet<(String, String)> = HashSet::new();
-        for svc in services {
-            if skip_reason(svc, ctx).is_some() {
-                continue;
-            }
-            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-            let name = svc.metadata.name.as_deref().unwrap_or_default();
-            let svc_slices: &[&Arc<EndpointSlice>] =
-                slices.get(&(ns, name)).map(|v| v.as_slice()).unwrap_or(&[]);
-            let ptrs: Vec<*const EndpointSlice> =
-                svc_slices.iter().map(|s| Arc::as_ptr(s)).collect();
-            let key = (ns.to_string(), name.to_string());
-            let hit = self.cache.get(&key).is_some_and(|c| {
-                Arc::ptr_eq(&c.service, svc) && c.slices == ptrs && c.zone == zone
-            });
-            if !hit {
-                let refs: Vec<&EndpointSlice> = svc_slices.iter().map(|s| s.as_ref()).collect();
-                let plans = service_plans(svc, ns, name, &refs, ctx, zone.as_deref());
-                if let Err(e) = &plans {
-                    warn!(service = %format!("{ns}/{name}"), error = %e, "Service skipped");
-                }
-                self.cache.insert(
-                    key.clone(),
-                    Cached {
-                        service: svc.clone(),
-                        slices: ptrs,
-                        zone: zone.clone(),
-                        plans,
-                    },
-                );
-            }
+        let mut seen: HashSet<ObjectKey> = HashSet::new();
+        for (_, key) in services {
+            let (ns, name) = (key.0.as_str(), key.1.as_str());
             let Some(Cached {
                 plans: Ok(plans), ..
             }) = self.cache.get(&key)

@@ -1,4 +1,5 @@
 use super::*;
+use k8s_openapi::api::core::v1::Node;
 
 use serde_json::{Value, json};
 
@@ -143,11 +144,7 @@ fn ctx(node_name: &str) -> NodeContext {
 }
 
 fn snap(services: Vec<Service>, endpoint_slices: Vec<EndpointSlice>, nodes: Vec<Node>) -> Snapshot {
-    Snapshot {
-        services: services.into_iter().map(Arc::new).collect(),
-        endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
-        nodes: nodes.into_iter().map(Arc::new).collect(),
-    }
+    Snapshot::of(services, endpoint_slices, nodes)
 }
 
 fn key(name: &str, port_name: &str, protocol: Protocol, family: Family, scope: Scope) -> PlanKey {
@@ -1664,28 +1661,24 @@ fn display_of_frontends_and_plan_keys() {
 fn cached_model_matches_a_fresh_evaluation() {
     let c = ctx("n1");
     let mut model = Model::default();
-    let web = Arc::new(service(
+    let web = service(
         "web",
         json!({"spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"]}}),
-    ));
-    let api = Arc::new(service(
+    );
+    let api = service(
         "api",
         json!({"spec": {"clusterIP": "10.96.0.2", "clusterIPs": ["10.96.0.2"]}}),
-    ));
-    let s1 = Arc::new(http_slice("web", "web-1", json!([ep("10.0.0.1", "n1")])));
-    let s2 = Arc::new(http_slice("api", "api-1", json!([ep("10.0.0.9", "n1")])));
-    let mut snap = Snapshot {
-        services: vec![web.clone(), api.clone()],
-        endpoint_slices: vec![s1, s2.clone()],
-        nodes: vec![],
-    };
+    );
+    let s1 = http_slice("web", "web-1", json!([ep("10.0.0.1", "n1")]));
+    let s2 = http_slice("api", "api-1", json!([ep("10.0.0.9", "n1")]));
+    let mut snap = Snapshot::of(vec![web, api], vec![s1, s2], vec![]);
     assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
     // Only a slice changes (the fast path).
-    snap.endpoint_slices[0] = Arc::new(http_slice(
+    snap.put(Shared::new(http_slice(
         "web",
         "web-1",
         json!([ep("10.0.0.1", "n1"), ep("10.0.0.2", "n1")]),
-    ));
+    )));
     let fast = model.desired_state(&snap, &c);
     assert_eq!(fast, desired_state(&snap, &c));
     assert_eq!(
@@ -1699,21 +1692,90 @@ fn cached_model_matches_a_fresh_evaluation() {
         2
     );
     // A slice disappears.
-    snap.endpoint_slices.remove(0);
+    snap.remove::<EndpointSlice>(&("default".into(), "web-1".into()));
     let st = model.desired_state(&snap, &c);
     assert_eq!(st, desired_state(&snap, &c));
     assert_eq!(model.counts(), (st.frontend_count(), st.backend_count()));
     // A Service changes (the full path, with the other one cached).
-    snap.services[0] = Arc::new(service(
+    snap.put(Shared::new(service(
         "web",
         json!({"spec": {"clusterIP": "10.96.0.3", "clusterIPs": ["10.96.0.3"]}}),
-    ));
+    )));
     assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
     // And back to a slice-only change.
-    snap.endpoint_slices.push(Arc::new(http_slice(
+    snap.put(Shared::new(http_slice(
         "web",
         "web-2",
         json!([ep("10.0.0.5", "n1")]),
     )));
     assert_eq!(model.desired_state(&snap, &c), desired_state(&snap, &c));
+    // A slice moves from one Service to another (relabelled): both are re-evaluated.
+    snap.put(Shared::new(http_slice(
+        "api",
+        "web-2",
+        json!([ep("10.0.0.5", "n1")]),
+    )));
+    let st = model.desired_state(&snap, &c);
+    assert_eq!(st, desired_state(&snap, &c));
+    assert_eq!(model.counts(), (st.frontend_count(), st.backend_count()));
+}
+
+/// A long pseudo-random sequence of changes (slices added, changed, moved, made headless
+/// and removed; Services changed and removed): after every step the cached model agrees
+/// with a fresh evaluation.
+#[test]
+fn cached_model_agrees_with_fresh_evaluation_over_random_changes() {
+    let c = ctx("n1");
+    let mut model = Model::default();
+    let mut snap = Snapshot::default();
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let names = ["a", "b", "c", "d"];
+    for step in 0..400 {
+        let svc = names[next(4) as usize];
+        match next(10) {
+            0 => {
+                let ip = format!("10.96.0.{}", 1 + next(6));
+                snap.put(Shared::new(service(
+                    svc,
+                    json!({"spec": {"clusterIP": ip, "clusterIPs": [ip]}}),
+                )));
+            }
+            1 => {
+                snap.remove::<Service>(&("default".into(), svc.into()));
+            }
+            2 => {
+                let slice = format!("s{}", next(6));
+                snap.remove::<EndpointSlice>(&("default".into(), slice));
+            }
+            3 => {
+                let slice = format!("s{}", next(6));
+                let mut s = http_slice(svc, &slice, json!([ep("10.0.1.1", "n1")]));
+                s.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert(LABEL_HEADLESS.into(), "".into());
+                snap.put(Shared::new(s));
+            }
+            _ => {
+                let slice = format!("s{}", next(6));
+                let eps: Vec<Value> = (0..next(4))
+                    .map(|i| ep(&format!("10.0.{}.{}", next(3), 10 + i), "n1"))
+                    .collect();
+                snap.put(Shared::new(http_slice(svc, &slice, json!(eps))));
+            }
+        }
+        let st = model.desired_state(&snap, &c);
+        assert_eq!(st, desired_state(&snap, &c), "step {step}");
+        assert_eq!(
+            model.counts(),
+            (st.frontend_count(), st.backend_count()),
+            "step {step}"
+        );
+    }
 }

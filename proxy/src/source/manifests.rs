@@ -13,28 +13,52 @@ use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 
 use super::{Sender, Update, trigger_time};
-use crate::model::{self, Snapshot};
+use crate::model::{self, Kind, ObjectKey, Shared, Snapshot};
 
 /// One object from a manifest file.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
-    Node(Arc<Node>),
+    Service(Shared<Service>),
+    EndpointSlice(Shared<EndpointSlice>),
+    Node(Shared<Node>),
 }
 
+/// What identifies an object across files: kind and key.
+type Id = (&'static str, ObjectKey);
+
 impl Object {
-    fn id(&self) -> (&'static str, &str, &str) {
-        let (kind, meta) = match self {
-            Object::Service(s) => ("Service", &s.metadata),
-            Object::EndpointSlice(s) => ("EndpointSlice", &s.metadata),
-            Object::Node(n) => ("Node", &n.metadata),
-        };
-        (
-            kind,
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default(),
-        )
+    fn id(&self) -> Id {
+        match self {
+            Object::Service(s) => ("Service", s.key()),
+            Object::EndpointSlice(s) => ("EndpointSlice", s.key()),
+            Object::Node(n) => ("Node", n.key()),
+        }
+    }
+
+    fn put_into(&self, snap: &mut Snapshot) {
+        match self {
+            Object::Service(s) => snap.put(s.clone()),
+            Object::EndpointSlice(s) => snap.put(s.clone()),
+            Object::Node(n) => snap.put(n.clone()),
+        }
+    }
+
+    /// Whether two objects are equal in content (not only in identity).
+    fn same_content(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Service(a), Object::Service(b)) => **a == **b,
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) => **a == **b,
+            (Object::Node(a), Object::Node(b)) => **a == **b,
+            _ => false,
+        }
+    }
+}
+
+fn remove_from(snap: &mut Snapshot, id: &Id) {
+    match id.0 {
+        "Service" => drop(snap.remove::<Service>(&id.1)),
+        "EndpointSlice" => drop(snap.remove::<EndpointSlice>(&id.1)),
+        _ => drop(snap.remove::<Node>(&id.1)),
     }
 }
 
@@ -125,16 +149,16 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
                 serde_json::from_value(value).map_err(|e| format!("Service {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_service(&s).map_err(|e| format!("Service {name}: {e}"))?;
-            Object::Service(Arc::new(s))
+            Object::Service(Shared::new(s))
         }
         "EndpointSlice" => {
             let mut s: EndpointSlice =
                 serde_json::from_value(value).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
             s.metadata.namespace.get_or_insert_with(|| "default".into());
             model::validate_endpoint_slice(&s).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
-            Object::EndpointSlice(Arc::new(s))
+            Object::EndpointSlice(Shared::new(s))
         }
-        "Node" => Object::Node(Arc::new(
+        "Node" => Object::Node(Shared::new(
             serde_json::from_value(value).map_err(|e| format!("Node {name}: {e}"))?,
         )),
         other => {
@@ -169,38 +193,45 @@ fn stamp_of(meta: &std::fs::Metadata) -> Stamp {
     )
 }
 
+/// The objects of one file by id; the first of two with the same id wins.
+fn by_id(path: &Path, objects: Vec<Object>) -> HashMap<Id, Object> {
+    let mut out = HashMap::with_capacity(objects.len());
+    for obj in objects {
+        let id = obj.id();
+        if out.contains_key(&id) {
+            warn!(file = %path.display(), kind = id.0, namespace = %id.1.0, name = %id.1.1, "object appears twice in the file; the first one is used");
+            continue;
+        }
+        out.insert(id, obj);
+    }
+    out
+}
+
 /// Objects that did not change keep their previous (shared) instance: the model then
 /// knows at a glance, by identity, that there is nothing to re-evaluate for them.
-fn keep_unchanged(old: &[Object], new: &mut [Object]) {
-    let by_id: HashMap<_, &Object> = old.iter().map(|o| (o.id(), o)).collect();
-    for obj in new.iter_mut() {
-        let Some(prev) = by_id.get(&obj.id()) else {
-            continue;
-        };
-        match (prev, &*obj) {
-            (Object::Service(a), Object::Service(b)) if a == b => *obj = Object::Service(a.clone()),
-            (Object::EndpointSlice(a), Object::EndpointSlice(b)) if a == b => {
-                *obj = Object::EndpointSlice(a.clone())
-            }
-            (Object::Node(a), Object::Node(b)) if a == b => *obj = Object::Node(a.clone()),
-            _ => {}
+fn keep_unchanged(old: &HashMap<Id, Object>, new: &mut HashMap<Id, Object>) {
+    for (id, obj) in new.iter_mut() {
+        if let Some(prev) = old.get(id)
+            && prev.same_content(obj)
+        {
+            *obj = prev.clone();
         }
     }
 }
 
 struct FileState {
     stamp: Stamp,
-    objects: Vec<Object>,
+    objects: HashMap<Id, Object>,
 }
 
-/// A manifest directory and the last good content of each file in it.
+/// A manifest directory, the last good content of each file in it, and their union.
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// How many times each object id appears across files, kept as files change, so a
-    /// snapshot only pays for de-duplication when there is a duplicate.
-    ids: HashMap<(&'static str, String, String), u32>,
-    duplicates: usize,
+    /// The files holding each object: when several do, the first in name order wins.
+    holders: HashMap<Id, BTreeSet<PathBuf>>,
+    /// The union of the files, kept up to date one changed file at a time.
+    merged: Snapshot,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -218,8 +249,8 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
-            ids: HashMap::new(),
-            duplicates: 0,
+            holders: HashMap::new(),
+            merged: Snapshot::default(),
         }
     }
 
@@ -251,30 +282,33 @@ impl ManifestDir {
                 }
             };
             match parse(&text) {
-                Ok(mut objects) => {
+                Ok(objects) => {
                     debug!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    let mut objects = by_id(&path, objects);
                     if let Some(old) = self.files.get(&path) {
                         keep_unchanged(&old.objects, &mut objects);
                     }
-                    self.count_ids(&objects, true);
-                    if let Some(old) = self.files.insert(path, FileState { stamp, objects }) {
-                        self.count_ids(&old.objects, false);
-                    }
+                    self.replace_file(path, Some(FileState { stamp, objects }));
                     changed = true;
                 }
                 Err(e) => {
                     error!(file = %path.display(), error = %e, "invalid manifest; keeping its last good content");
                     // Remember the stamp so the same broken file is not reported again.
-                    let objects = self
-                        .files
-                        .remove(&path)
-                        .map(|f| f.objects)
-                        .unwrap_or_default();
-                    self.files.insert(path, FileState { stamp, objects });
+                    match self.files.get_mut(&path) {
+                        Some(f) => f.stamp = stamp,
+                        None => {
+                            self.files.insert(
+                                path,
+                                FileState {
+                                    stamp,
+                                    objects: HashMap::new(),
+                                },
+                            );
+                        }
+                    }
                 }
             }
         }
-        let before = self.files.len();
         let gone: Vec<PathBuf> = self
             .files
             .keys()
@@ -282,54 +316,62 @@ impl ManifestDir {
             .cloned()
             .collect();
         for p in gone {
-            if let Some(old) = self.files.remove(&p) {
-                self.count_ids(&old.objects, false);
-            }
+            self.replace_file(p, None);
+            changed = true;
         }
-        Ok(changed || before != self.files.len())
+        Ok(changed)
     }
 
-    fn count_ids(&mut self, objects: &[Object], add: bool) {
-        for o in objects {
-            let (kind, ns, name) = o.id();
-            let n = self
-                .ids
-                .entry((kind, ns.to_string(), name.to_string()))
-                .or_insert(0);
-            let was_dup = *n > 1;
-            if add {
-                *n += 1;
-            } else {
-                *n = n.saturating_sub(1);
+    /// Puts a file's new content (or its removal) in place and brings the union up to
+    /// date for the objects it held or holds.
+    fn replace_file(&mut self, path: PathBuf, new: Option<FileState>) {
+        let old = match new {
+            Some(state) => self.files.insert(path.clone(), state),
+            None => self.files.remove(&path),
+        };
+        let mut touched: Vec<Id> = Vec::new();
+        if let Some(old) = &old {
+            for id in old.objects.keys() {
+                if let Some(h) = self.holders.get_mut(id) {
+                    h.remove(&path);
+                }
+                touched.push(id.clone());
             }
-            match (was_dup, *n > 1) {
-                (false, true) => self.duplicates += 1,
-                (true, false) => self.duplicates -= 1,
-                _ => {}
+        }
+        if let Some(state) = self.files.get(&path) {
+            for id in state.objects.keys() {
+                self.holders
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(path.clone());
+                if !old.as_ref().is_some_and(|o| o.objects.contains_key(id)) {
+                    touched.push(id.clone());
+                }
+            }
+        }
+        for id in touched {
+            let winner = self
+                .holders
+                .get(&id)
+                .and_then(|h| h.first())
+                .and_then(|p| self.files.get(p)?.objects.get(&id));
+            match winner {
+                Some(obj) => obj.put_into(&mut self.merged),
+                None => {
+                    self.holders.remove(&id);
+                    remove_from(&mut self.merged, &id);
+                }
+            }
+            if let Some(h) = self.holders.get(&id).filter(|h| h.len() > 1) {
+                let files: Vec<String> = h.iter().map(|p| p.display().to_string()).collect();
+                warn!(kind = id.0, namespace = %id.1.0, name = %id.1.1, files = %files.join(", "), "object defined in several files; the first file's is used");
             }
         }
     }
 
-    /// Everything the directory holds. The first of two objects with the same kind,
-    /// namespace and name wins (files in name order).
+    /// Everything the directory holds (O(1): the union is kept up to date).
     pub fn snapshot(&self) -> Snapshot {
-        let mut seen = std::collections::HashSet::new();
-        let mut snap = Snapshot::default();
-        for (path, file) in &self.files {
-            for obj in &file.objects {
-                let id = obj.id();
-                if self.duplicates > 0 && !seen.insert(id) {
-                    warn!(file = %path.display(), kind = id.0, namespace = %id.1, name = %id.2, "duplicate object ignored");
-                    continue;
-                }
-                match obj {
-                    Object::Service(s) => snap.services.push(s.clone()),
-                    Object::EndpointSlice(s) => snap.endpoint_slices.push(s.clone()),
-                    Object::Node(n) => snap.nodes.push(n.clone()),
-                }
-            }
-        }
-        snap
+        self.merged.clone()
     }
 }
 
@@ -356,7 +398,11 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
                 first = false;
                 let read_us = t0.elapsed().as_micros() as u64;
                 let snapshot = Arc::new(md.snapshot());
-                debug!(read_us, snapshot_us = t0.elapsed().as_micros() as u64 - read_us, "manifests re-read");
+                debug!(
+                    read_us,
+                    snapshot_us = t0.elapsed().as_micros() as u64 - read_us,
+                    "manifests re-read"
+                );
                 let update = Update {
                     trigger_time: trigger_time(previous.as_deref(), &snapshot, started),
                     snapshot: snapshot.clone(),
@@ -480,7 +526,12 @@ endpoints:
         f.set_modified(mtime).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         assert!(md.refresh().unwrap());
-        let ip = md.snapshot().services[0]
+        let ip = md
+            .snapshot()
+            .services
+            .values()
+            .next()
+            .unwrap()
             .spec
             .as_ref()
             .unwrap()

@@ -4,13 +4,14 @@
 pub mod kube;
 pub mod manifests;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::Snapshot;
+use imbl::ordmap::DiffItem;
+
+use crate::model::{Objects, Snapshot};
 
 /// One consistent view of the cluster, and when it changed.
 #[derive(Clone, Debug)]
@@ -47,35 +48,18 @@ pub fn trigger_time(
             .as_ref()?
             .get(ANNOTATION_TRIGGER_TIME)
     }
-    fn key(s: &EndpointSlice) -> (Option<&String>, Option<&String>) {
-        (s.metadata.namespace.as_ref(), s.metadata.name.as_ref())
-    }
-    // Sources keep their order: when the lengths match, only the slices that are not the
-    // very same objects as before can carry a new trigger time.
-    if let Some(p) = prev.filter(|p| p.endpoint_slices.len() == snap.endpoint_slices.len()) {
-        return p
-            .endpoint_slices
-            .iter()
-            .zip(&snap.endpoint_slices)
-            .filter(|(o, n)| !Arc::ptr_eq(o, n) && annotation(o) != annotation(n))
-            .filter_map(|(_, n)| annotation(n))
-            .filter_map(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-            .filter(|t| *t >= since)
-            .max();
-    }
-    let before: HashMap<_, Option<&String>> = prev
-        .map(|p| {
-            p.endpoint_slices
-                .iter()
-                .map(|s| (key(s), annotation(s)))
-                .collect()
-        })
-        .unwrap_or_default();
-    snap.endpoint_slices
-        .iter()
-        .filter_map(|s| {
-            let t = annotation(s)?;
-            (before.get(&key(s)) != Some(&Some(t))).then_some(t)
+    let empty = Objects::<EndpointSlice>::new();
+    let before = prev.map(|p| &p.endpoint_slices).unwrap_or(&empty);
+    // Only the slices that are not the very same objects as before can carry a new
+    // trigger time, and the diff visits only those.
+    before
+        .diff(&snap.endpoint_slices)
+        .filter_map(|d| match d {
+            DiffItem::Add(_, n) => annotation(n),
+            DiffItem::Update { old, new } => {
+                annotation(new.1).filter(|t| annotation(old.1) != Some(*t))
+            }
+            DiffItem::Remove(..) => None,
         })
         .filter_map(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
         .filter(|t| *t >= since)
@@ -107,10 +91,7 @@ mod tests {
     }
 
     fn snap(slices: Vec<EndpointSlice>) -> Snapshot {
-        Snapshot {
-            endpoint_slices: slices.into_iter().map(Arc::new).collect(),
-            ..Default::default()
-        }
+        Snapshot::of(vec![], slices, vec![])
     }
 
     #[test]

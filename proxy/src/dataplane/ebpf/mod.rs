@@ -9,7 +9,7 @@ pub mod plan;
 mod sockterm;
 mod sys;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
@@ -20,6 +20,7 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader, sys::SyscallError};
 use capstan_proxy_common::*;
+use foldhash::{HashSet, HashSetExt};
 use tracing::{debug, error, info, warn};
 
 use self::plan::{Changes, Ids, MapState, Op};
@@ -448,8 +449,8 @@ impl EbpfDataplane {
                     })
                     .unzip();
                 let fd = self.services_fd.fd().as_fd();
-                batched(keys.len(), false, |from| {
-                    sys::update_batch(fd, &keys[from..], &values[from..])
+                batched(keys.len(), false, |from, to| {
+                    sys::update_batch(fd, &keys[from..to], &values[from..to])
                 })
             }
             Op::PutBackend(..) => {
@@ -464,8 +465,8 @@ impl EbpfDataplane {
                     })
                     .unzip();
                 let fd = self.backends_fd.fd().as_fd();
-                batched(keys.len(), false, |from| {
-                    sys::update_batch(fd, &keys[from..], &values[from..])
+                batched(keys.len(), false, |from, to| {
+                    sys::update_batch(fd, &keys[from..to], &values[from..to])
                 })
             }
             Op::DelSlot(..) => {
@@ -480,8 +481,8 @@ impl EbpfDataplane {
                     })
                     .collect();
                 let fd = self.services_fd.fd().as_fd();
-                batched(keys.len(), true, |from| {
-                    sys::delete_batch(fd, &keys[from..])
+                batched(keys.len(), true, |from, to| {
+                    sys::delete_batch(fd, &keys[from..to])
                 })
             }
             Op::DelBackend(..) => {
@@ -496,8 +497,8 @@ impl EbpfDataplane {
                     })
                     .collect();
                 let fd = self.backends_fd.fd().as_fd();
-                batched(keys.len(), true, |from| {
-                    sys::delete_batch(fd, &keys[from..])
+                batched(keys.len(), true, |from, to| {
+                    sys::delete_batch(fd, &keys[from..to])
                 })
             }
             _ => group
@@ -513,18 +514,48 @@ impl EbpfDataplane {
     }
 }
 
-/// Runs a batch call over `n` elements, resuming after each element the kernel refused
-/// (a deletion of a missing key counts as done).
+/// Batches at least this long are split between two threads: the kernel's hash maps take
+/// concurrent writers (per-bucket locks), and programming a large cluster from nothing is
+/// mostly these writes.
+const PARALLEL_BATCH_MIN: usize = 8192;
+
+/// Runs a batch call over `n` elements (`call(from, to)` writes elements `from..to`),
+/// resuming after each element the kernel refused (a deletion of a missing key counts as
+/// done). Long batches run in two halves at once.
 fn batched(
     n: usize,
     deleting: bool,
-    mut call: impl FnMut(usize) -> sys::BatchResult,
+    call: impl Fn(usize, usize) -> sys::BatchResult + Sync,
 ) -> Vec<std::io::Result<()>> {
+    if n < PARALLEL_BATCH_MIN {
+        return batched_range(0, n, deleting, &call);
+    }
+    let mid = n / 2;
+    std::thread::scope(|s| {
+        let upper = s.spawn(|| batched_range(mid, n, deleting, &call));
+        let mut out = batched_range(0, mid, deleting, &call);
+        match upper.join() {
+            Ok(rest) => out.extend(rest),
+            Err(_) => {
+                out.extend((mid..n).map(|_| Err(std::io::Error::other("map writer thread failed"))))
+            }
+        }
+        out
+    })
+}
+
+fn batched_range(
+    start: usize,
+    end: usize,
+    deleting: bool,
+    call: &impl Fn(usize, usize) -> sys::BatchResult,
+) -> Vec<std::io::Result<()>> {
+    let n = end - start;
     let mut out: Vec<std::io::Result<()>> = Vec::with_capacity(n);
     while out.len() < n {
-        let from = out.len();
-        let r = call(from);
-        out.extend((0..r.done).map(|_| Ok(())));
+        let from = start + out.len();
+        let r = call(from, end);
+        out.extend((0..r.done.min(n - out.len())).map(|_| Ok(())));
         if let Some(e) = r.error
             && out.len() < n
         {

@@ -12,7 +12,9 @@
 //! Operations carry the plan they belong to so that the applier can skip a plan's commit
 //! and cleanup when one of its prepare steps failed (a full map): the frontend then keeps
 //! serving its last complete state.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::{IpAddr, SocketAddr};
 
 use capstan_proxy_common::{
