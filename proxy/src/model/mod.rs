@@ -371,6 +371,13 @@ pub fn desired_state(snap: &Snapshot, ctx: &NodeContext) -> DesiredState {
 
 type Plans = Result<Vec<(PlanKey, Plan)>, String>;
 
+/// A Service to evaluate, its key and its slices.
+type Work<'a> = (
+    &'a Shared<Service>,
+    &'a ObjectKey,
+    Vec<&'a Shared<EndpointSlice>>,
+);
+
 /// Below this many Services to evaluate, one thread does it.
 const PARALLEL_EVALUATION_MIN: usize = 512;
 
@@ -561,7 +568,7 @@ impl Model {
             .filter(|svc| skip_reason(svc, ctx).is_none())
             .map(|svc| (svc, svc.key()))
             .collect();
-        let misses: Vec<(&Shared<Service>, &ObjectKey, Vec<&Shared<EndpointSlice>>)> = services
+        let misses: Vec<Work> = services
             .iter()
             .filter_map(|(svc, key)| {
                 let svc_slices: Vec<&Shared<EndpointSlice>> = self
@@ -582,7 +589,7 @@ impl Model {
                 (!hit).then_some((*svc, key, svc_slices))
             })
             .collect();
-        let evaluate = |part: &[(&Shared<Service>, &ObjectKey, Vec<&Shared<EndpointSlice>>)]| {
+        let evaluate = |part: &[Work]| {
             part.iter()
                 .map(|(svc, key, slices)| {
                     let refs: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();

@@ -119,7 +119,7 @@ impl<K: Kind> Mirror<K> {
 
 /// An event from one of the three watches.
 enum Watched {
-    Service(watcher::Event<Service>),
+    Service(Box<watcher::Event<Service>>),
     EndpointSlice(watcher::Event<EndpointSlice>),
     Node(Box<watcher::Event<Node>>),
 }
@@ -134,7 +134,7 @@ struct Mirrors {
 impl Mirrors {
     fn apply(&mut self, ev: Result<Watched, watcher::Error>) -> bool {
         match ev {
-            Ok(Watched::Service(e)) => self.services.apply(e),
+            Ok(Watched::Service(e)) => self.services.apply(*e),
             Ok(Watched::EndpointSlice(e)) => self.slices.apply(e),
             Ok(Watched::Node(e)) => self.nodes.apply(*e),
             Err(e) => {
@@ -166,7 +166,7 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|r| r.map(Watched::Service));
+    .map(|r| r.map(|e| Watched::Service(Box::new(e))));
     let slices = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("!{LABEL_HEADLESS}")),
