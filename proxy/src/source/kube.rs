@@ -120,7 +120,7 @@ impl<K: Kind> Mirror<K> {
 /// An event from one of the three watches.
 enum Watched {
     Service(Box<watcher::Event<Service>>),
-    EndpointSlice(watcher::Event<EndpointSlice>),
+    EndpointSlice(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
 }
 
@@ -135,7 +135,7 @@ impl Mirrors {
     fn apply(&mut self, ev: Result<Watched, watcher::Error>) -> bool {
         match ev {
             Ok(Watched::Service(e)) => self.services.apply(*e),
-            Ok(Watched::EndpointSlice(e)) => self.slices.apply(e),
+            Ok(Watched::EndpointSlice(e)) => self.slices.apply(*e),
             Ok(Watched::Node(e)) => self.nodes.apply(*e),
             Err(e) => {
                 warn!(error = %e, "watch failed; retrying");
@@ -172,7 +172,7 @@ pub async fn run(conn: Connection, node_name: String, tx: Sender) -> anyhow::Res
         watcher::Config::default().labels(&format!("!{LABEL_HEADLESS}")),
     )
     .default_backoff()
-    .map(|r| r.map(Watched::EndpointSlice));
+    .map(|r| r.map(|e| Watched::EndpointSlice(Box::new(e))));
     let nodes = watcher(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
