@@ -362,10 +362,10 @@ fn allowed_backends(
         let head = before.services[k];
         let set = allowed.entry(*k).or_default();
         for s in 1..=head.count {
-            if let Some(v) = before.services.get(&with_slot(k, s)) {
-                if let Some(b) = before.backends.get(&v.backend_id) {
-                    set.insert(backend_addr(b));
-                }
+            if let Some(v) = before.services.get(&with_slot(k, s))
+                && let Some(b) = before.backends.get(&v.backend_id)
+            {
+                set.insert(backend_addr(b));
             }
         }
     }
@@ -430,14 +430,14 @@ fn step_m(
     let allowed = allowed_backends(state, d);
     assert_safe(state, &allowed, "before");
     for (i, (_, op)) in all_ops(&ch).enumerate() {
-        if let Op::PutSlot(k, v) = op {
-            if k.slot > 0 {
-                assert!(
-                    state.backends.contains_key(&v.backend_id),
-                    "op {i}: slot {k:?} written before its backend {}",
-                    v.backend_id
-                );
-            }
+        if let Op::PutSlot(k, v) = op
+            && k.slot > 0
+        {
+            assert!(
+                state.backends.contains_key(&v.backend_id),
+                "op {i}: slot {k:?} written before its backend {}",
+                v.backend_id
+            );
         }
         apply_to_mirror(state, op);
         assert_safe(state, &allowed, &format!("after op {i} {op:?}"));
