@@ -199,7 +199,7 @@ fn by_id(path: &Path, objects: Vec<Object>) -> HashMap<Id, Object> {
     for obj in objects {
         let id = obj.id();
         if out.contains_key(&id) {
-            warn!(file = %path.display(), kind = id.0, namespace = %id.1.0, name = %id.1.1, "object appears twice in the file; the first one is used");
+            warn!(file = %path.display(), kind = id.0, namespace = %id.1.0, name = %id.1.1, "duplicate object ignored (it appears twice in the file; the first one is used)");
             continue;
         }
         out.insert(id, obj);
@@ -363,8 +363,10 @@ impl ManifestDir {
                 }
             }
             if let Some(h) = self.holders.get(&id).filter(|h| h.len() > 1) {
-                let files: Vec<String> = h.iter().map(|p| p.display().to_string()).collect();
-                warn!(kind = id.0, namespace = %id.1.0, name = %id.1.1, files = %files.join(", "), "object defined in several files; the first file's is used");
+                let mut files = h.iter().map(|p| p.display().to_string());
+                let used = files.next().unwrap_or_default();
+                let ignored: Vec<String> = files.collect();
+                warn!(kind = id.0, namespace = %id.1.0, name = %id.1.1, used = %used, ignored = %ignored.join(", "), "duplicate object ignored (the first file by name wins)");
             }
         }
     }
