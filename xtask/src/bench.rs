@@ -20,13 +20,13 @@ pub enum Which {
         #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
         counts: Vec<usize>,
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 1.0)]
         seconds: f64,
         /// Alternating rounds per Service count (medians are reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 8)]
         rounds: usize,
         /// EndpointSlice changes timed per Service count.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 100)]
         changes: usize,
         /// Where the figures go as JSON.
         #[arg(long, default_value = "target/bench/clusterip.json")]
@@ -104,6 +104,8 @@ struct Synced {
     model_us: u64,
     /// From the source noticing the change to the maps holding it.
     since_change_us: u64,
+    /// When the sync ended (the log line's timestamp), ns since the epoch.
+    at_ns: u128,
 }
 
 /// The agent's "synced" log lines so far, parsed.
@@ -124,6 +126,13 @@ fn synced_lines(agent: &Proc) -> Vec<Synced> {
                 took_us: field("took_us"),
                 model_us: field("model_us"),
                 since_change_us: field("since_change_us"),
+                at_ns: l
+                    .split_whitespace()
+                    .next()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
             }
         })
         .collect()
@@ -136,11 +145,15 @@ fn wait_synced(
     frontends: usize,
     start: Instant,
     timeout: Duration,
-) -> Result<(u64, Duration)> {
+) -> Result<(Synced, Duration)> {
     loop {
         let lines = synced_lines(agent);
-        if let Some(l) = lines.iter().skip(seen).find(|l| l.frontends == frontends) {
-            return Ok((l.took_us, start.elapsed()));
+        if let Some(l) = lines
+            .into_iter()
+            .skip(seen)
+            .find(|l| l.frontends == frontends)
+        {
+            return Ok((l, start.elapsed()));
         }
         if start.elapsed() > timeout {
             bail!(
@@ -260,7 +273,8 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     let text = fillers(10_000);
     let t = Instant::now();
     write_atomic(&dir, "fillers.json", &text)?;
-    let (prog_sync_us, prog_wall) = wait_synced(&agent, seen, 10_000, t, Duration::from_secs(120))?;
+    let (prog, prog_wall) = wait_synced(&agent, seen, 10_000, t, Duration::from_secs(120))?;
+    let (prog_sync_us, prog_model_us) = (prog.took_us, prog.model_us);
     let seen = synced_lines(&agent).len();
     std::fs::remove_file(dir.join("fillers.json"))?;
     wait_synced(&agent, seen, 0, Instant::now(), Duration::from_secs(120))?;
@@ -279,7 +293,8 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         } else {
             let _ = std::fs::remove_file(dir.join("fillers.json"));
         }
-        let (sync_us, wall) = wait_synced(&agent, seen, n, t, Duration::from_secs(600))?;
+        let (synced, wall) = wait_synced(&agent, seen, n, t, Duration::from_secs(600))?;
+        let sync_us = synced.took_us;
         // The measured Service must reach b1 for the side-by-side runs.
         if current_backend != "b1" {
             write_atomic(&dir, "target.json", &target("10.244.1.10"))?;
@@ -291,9 +306,19 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         let (mut d_rate, mut d_p50, mut d_p99, mut c_rate, mut c_p50, mut c_p99) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut errors = 0;
-        for _ in 0..rounds {
-            let d = rr(&topo, client.netns(), direct, seconds)?;
-            let c = rr(&topo, client.netns(), &vip, seconds)?;
+        // Each round measures both paths back to back (in alternating order, so neither
+        // always goes first) and gives one ratio; the machine's noise moves both halves
+        // of a round together, so the median of the rounds' ratios is the steadiest figure.
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let (d, c) = if round % 2 == 0 {
+                let d = rr(&topo, client.netns(), direct, seconds)?;
+                (d, rr(&topo, client.netns(), &vip, seconds)?)
+            } else {
+                let c = rr(&topo, client.netns(), &vip, seconds)?;
+                (rr(&topo, client.netns(), direct, seconds)?, c)
+            };
+            ratios.push(c.rate / d.rate);
             errors += d.errors + c.errors;
             d_rate.push(d.rate);
             d_p50.push(d.p50);
@@ -304,6 +329,8 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         }
         // EndpointSlice change -> data path: flip the target between b1 and b2.
         let mut lat_ms = Vec::new();
+        // Per change: the write and when the client first reached the new backend.
+        let mut change_times: Vec<(u128, u128)> = Vec::new();
         let seen_before_changes = synced_lines(&agent).len();
         for _ in 0..changes {
             let (next, addr) = if current_backend == "b1" {
@@ -328,6 +355,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
                 .parse()
                 .context("at_ns")?;
             lat_ms.push((at.saturating_sub(t0)) as f64 / 1e6);
+            change_times.push((t0, at));
             current_backend = next;
         }
         // The agent's own share of each change: source noticed -> maps written.
@@ -342,17 +370,35 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             .skip(seen_before_changes)
             .map(|l| l.model_us as f64 / 1e3)
             .collect();
+        // Where the time went: write -> maps written (inotify, re-read, model, maps) and
+        // maps written -> the client's first connection to the new backend.
+        let mut to_maps_ms = Vec::new();
+        let mut to_client_ms = Vec::new();
+        for (t0, at) in &change_times {
+            if let Some(l) = lines
+                .iter()
+                .skip(seen_before_changes)
+                .find(|l| l.at_ns >= *t0)
+            {
+                to_maps_ms.push(l.at_ns.saturating_sub(*t0) as f64 / 1e6);
+                to_client_ms.push(at.saturating_sub(l.at_ns) as f64 / 1e6);
+            }
+        }
         let (rss, hwm) = rss_kib(agent.pid());
         let r = json!({
             "services": n,
             "direct": {"rate": median(&mut d_rate), "p50_us": median(&mut d_p50), "p99_us": median(&mut d_p99)},
             "clusterip": {"rate": median(&mut c_rate), "p50_us": median(&mut c_p50), "p99_us": median(&mut c_p99)},
-            "ratio": median(&mut c_rate) / median(&mut d_rate),
+            "ratio": median(&mut ratios),
+            "ratio_of_medians": median(&mut c_rate) / median(&mut d_rate),
             "errors": errors,
             "sync_us": sync_us,
             "program_wall_ms": wall.as_secs_f64() * 1e3,
             "slice_change_ms": {"p50": percentile(&mut lat_ms, 0.5), "p99": percentile(&mut lat_ms, 0.99), "max": percentile(&mut lat_ms, 1.0)},
-            "slice_change_agent_ms": {"p50": percentile(&mut agent_ms, 0.5), "p99": percentile(&mut agent_ms, 0.99), "model_p50": percentile(&mut model_ms, 0.5)},
+            "slice_change_agent_ms": {"p50": percentile(&mut agent_ms, 0.5), "p99": percentile(&mut agent_ms, 0.99), "model_p50": percentile(&mut model_ms, 0.5),
+                "write_to_maps_p50": percentile(&mut to_maps_ms.clone(), 0.5), "write_to_maps_max": percentile(&mut to_maps_ms, 1.0),
+                "maps_to_client_p50": percentile(&mut to_client_ms.clone(), 0.5), "maps_to_client_max": percentile(&mut to_client_ms, 1.0),
+                "write_to_maps_each": to_maps_ms},
             "agent_rss_kib": rss,
             "agent_peak_rss_kib": hwm,
         });
@@ -362,7 +408,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
 
     let _ = writeln!(
         report,
-        "capstan bench clusterip: {rounds} alternating rounds of {seconds} s per path, medians; {ENDPOINTS_PER_SERVICE} endpoints per filler Service"
+        "capstan bench clusterip: {rounds} rounds of {seconds} s per path (order alternating), medians; ratio = median of the rounds' ClusterIP/direct ratios; {ENDPOINTS_PER_SERVICE} endpoints per filler Service; {changes} slice changes per count"
     );
     let _ = writeln!(
         report,
@@ -401,13 +447,14 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     }
     let _ = writeln!(
         report,
-        "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync (model + maps), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
+        "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync ({:.1} ms model + maps), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
         prog_sync_us as f64 / 1e3,
+        prog_model_us as f64 / 1e3,
         prog_wall.as_secs_f64() * 1e3,
         text.len() / 1_000_000
     );
     print!("{report}");
-    let out = json!({"results": results, "program_10k_from_nothing": {"sync_ms": prog_sync_us as f64 / 1e3, "wall_ms": prog_wall.as_secs_f64() * 1e3}});
+    let out = json!({"results": results, "program_10k_from_nothing": {"sync_ms": prog_sync_us as f64 / 1e3, "model_ms": prog_model_us as f64 / 1e3, "wall_ms": prog_wall.as_secs_f64() * 1e3}});
     let path = root.join(json_path);
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;

@@ -6,7 +6,7 @@
 //! - `capstan-bench rr ADDR SECONDS`: sequential connect-request-response for SECONDS;
 //!   prints `requests=N errors=E rate=R p50_us=X p99_us=Y`. Each connection is closed with
 //!   an RST (SO_LINGER 0) so that no TIME_WAIT piles up on the client.
-//! - `capstan-bench until ADDR NAME TIMEOUT_MS`: connects in a loop until NAME answers;
+//! - `capstan-bench until ADDR NAME TIMEOUT_MS`: connects every 250 µs until NAME answers;
 //!   prints `at_ns=<CLOCK_REALTIME ns of that answer>` (the data path has changed).
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -129,12 +129,18 @@ fn rr(addr: SocketAddr, seconds: f64) {
     );
 }
 
+/// How often `until` probes: the resolution of the change-latency measurement.
+const PROBE_PACE: Duration = Duration::from_micros(250);
+
 fn until(addr: SocketAddr, name: &str, timeout_ms: u64) {
     let end = Instant::now() + Duration::from_millis(timeout_ms);
     let mut buf = [0u8; 64];
     println!("ready");
     let _ = std::io::stdout().flush();
     while Instant::now() < end {
+        // One probe every PROBE_PACE at most: a client spinning flat out would take a
+        // whole core from the agent whose latency it measures (two cores here).
+        let next = Instant::now() + PROBE_PACE;
         if let Ok(n) = one(addr, &mut buf)
             && std::str::from_utf8(&buf[..n]).map(|s| s.trim()) == Ok(name)
         {
@@ -145,6 +151,7 @@ fn until(addr: SocketAddr, name: &str, timeout_ms: u64) {
             println!("at_ns={at}");
             return;
         }
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     println!("timeout");
 }

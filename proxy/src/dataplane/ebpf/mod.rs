@@ -332,7 +332,7 @@ impl EbpfDataplane {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed: HashSet<usize> = HashSet::new();
-        let mut undo: std::collections::HashMap<usize, Vec<Op>> = std::collections::HashMap::new();
+        let mut undo: Vec<Vec<Op>> = vec![Vec::new(); plans.len()];
         for stage in stages {
             let mut ops: Vec<&plan::Tagged> = stage.iter().collect();
             ops.sort_by_key(|(_, op)| rank(op));
@@ -347,12 +347,10 @@ impl EbpfDataplane {
                 for ((plan, op), result) in group.iter().zip(results) {
                     match result {
                         Ok(()) => {
+                            let inverse = plan::apply_to_mirror(&mut self.mirror, op);
                             if let Some(p) = plan {
-                                undo.entry(*p)
-                                    .or_default()
-                                    .push(plan::inverse(&self.mirror, op));
+                                undo[*p].push(inverse);
                             }
-                            plan::apply_to_mirror(&mut self.mirror, op);
                             report.writes += 1;
                         }
                         Err(e) => {
@@ -383,9 +381,9 @@ impl EbpfDataplane {
             // Roll back what the plans that just failed had already written.
             let newly: Vec<usize> = failed.difference(&failed_before).copied().collect();
             for p in newly {
-                for op in undo.remove(&p).unwrap_or_default().into_iter().rev() {
+                for op in std::mem::take(&mut undo[p]).into_iter().rev() {
                     if self.write(&op).is_ok() {
-                        plan::apply_to_mirror(&mut self.mirror, &op);
+                        let _ = plan::apply_to_mirror(&mut self.mirror, &op);
                     }
                 }
             }

@@ -512,32 +512,41 @@ pub fn inverse(state: &MapState, op: &Op) -> Op {
     }
 }
 
-/// Applies `op` to a mirror (after the kernel accepted it).
-pub fn apply_to_mirror(state: &mut MapState, op: &Op) {
+/// Applies `op` to a mirror (after the kernel accepted it) and returns the operation that
+/// undoes it (what [`inverse`] would have said before), with one lookup.
+pub fn apply_to_mirror(state: &mut MapState, op: &Op) -> Op {
     match op {
         Op::PutNodeAddr(a) => {
             state.node_addrs.insert(*a);
+            Op::DelNodeAddr(*a)
         }
-        Op::PutBackend(id, b) => {
-            state.backends.insert(*id, *b);
-        }
-        Op::PutSlot(k, v) => {
-            state.services.insert(*k, *v);
-        }
-        Op::PutMaglev(id, t) => {
-            state.maglev.insert(*id, t.clone());
-        }
-        Op::DelSlot(k) => {
-            state.services.remove(k);
-        }
-        Op::DelBackend(id) => {
-            state.backends.remove(id);
-        }
-        Op::DelMaglev(id) => {
-            state.maglev.remove(id);
-        }
+        Op::PutBackend(id, b) => match state.backends.insert(*id, *b) {
+            Some(old) => Op::PutBackend(*id, old),
+            None => Op::DelBackend(*id),
+        },
+        Op::PutSlot(k, v) => match state.services.insert(*k, *v) {
+            Some(old) => Op::PutSlot(*k, old),
+            None => Op::DelSlot(*k),
+        },
+        Op::PutMaglev(id, t) => match state.maglev.insert(*id, t.clone()) {
+            Some(old) => Op::PutMaglev(*id, old),
+            None => Op::DelMaglev(*id),
+        },
+        Op::DelSlot(k) => match state.services.remove(k) {
+            Some(old) => Op::PutSlot(*k, old),
+            None => Op::DelSlot(*k),
+        },
+        Op::DelBackend(id) => match state.backends.remove(id) {
+            Some(old) => Op::PutBackend(*id, old),
+            None => Op::DelBackend(*id),
+        },
+        Op::DelMaglev(id) => match state.maglev.remove(id) {
+            Some(old) => Op::PutMaglev(*id, old),
+            None => Op::DelMaglev(*id),
+        },
         Op::DelNodeAddr(a) => {
             state.node_addrs.remove(a);
+            Op::PutNodeAddr(*a)
         }
     }
 }

@@ -1671,7 +1671,8 @@ fn inverse_undoes_each_operation() {
             let before = walk.clone();
             let inv = inverse(&walk, op);
             let mut probe = walk.clone();
-            apply_to_mirror(&mut probe, op);
+            // Applying returns the same undo operation.
+            assert_eq!(apply_to_mirror(&mut probe, op), inv, "step {i}: {op:?}");
             apply_to_mirror(&mut probe, &inv);
             assert_eq!(probe, before, "step {i}: {op:?} undone by {inv:?}");
             apply_to_mirror(&mut walk, op);
