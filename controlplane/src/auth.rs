@@ -35,11 +35,19 @@ pub fn parse_tokens(text: &str) -> Result<Tokens, String> {
         }
         fields.push(cur);
         if fields.len() < 3 || fields[0].is_empty() || fields[1].is_empty() {
-            return Err(format!("line {}: expected token,user,uid[,\"groups\"]", i + 1));
+            return Err(format!(
+                "line {}: expected token,user,uid[,\"groups\"]",
+                i + 1
+            ));
         }
         let groups = fields
             .get(3)
-            .map(|g| g.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+            .map(|g| {
+                g.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default();
         by_token.insert(
             fields[0].clone(),
@@ -81,7 +89,9 @@ impl Tokens {
             .iter()
             .find(|(_, u)| u.groups.iter().any(|g| g == "system:masters"))
             .map(|(t, _)| t.clone())
-            .ok_or_else(|| anyhow::anyhow!("{}: no token in group system:masters", path.display()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: no token in group system:masters", path.display())
+            })?;
         Ok((tokens, admin))
     }
 }
@@ -105,6 +115,10 @@ mod tests {
         assert_eq!(t.user("abc").unwrap().groups, vec!["dev", "ops"]);
         assert_eq!(t.user("xyz").unwrap().name, "bob");
         assert!(t.user("nope").is_none());
-        assert!(parse_tokens("only-a-token\n").unwrap_err().contains("line 1"));
+        assert!(
+            parse_tokens("only-a-token\n")
+                .unwrap_err()
+                .contains("line 1")
+        );
     }
 }

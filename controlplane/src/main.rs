@@ -47,8 +47,12 @@ fn node_port_range(s: &str) -> Result<(u16, u16), String> {
         .split_once('-')
         .ok_or_else(|| format!("--service-node-port-range {s:?}: expected FIRST-LAST"))?;
     let (a, b): (u16, u16) = (
-        a.trim().parse().map_err(|_| format!("--service-node-port-range {s:?}: bad first port"))?,
-        b.trim().parse().map_err(|_| format!("--service-node-port-range {s:?}: bad last port"))?,
+        a.trim()
+            .parse()
+            .map_err(|_| format!("--service-node-port-range {s:?}: bad first port"))?,
+        b.trim()
+            .parse()
+            .map_err(|_| format!("--service-node-port-range {s:?}: bad last port"))?,
     );
     if a == 0 || a > b {
         return Err(format!("--service-node-port-range {s:?}: empty range"));
@@ -63,8 +67,9 @@ fn main() -> ExitCode {
         4..=5 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("capstan_controlplane={level},warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("capstan_controlplane={level},warn"))
+    });
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -78,7 +83,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let families: Vec<bool> = flags.service_cluster_ip_range.iter().map(|r| matches!(r, ipnet::IpNet::V6(_))).collect();
+    let families: Vec<bool> = flags
+        .service_cluster_ip_range
+        .iter()
+        .map(|r| matches!(r, ipnet::IpNet::V6(_)))
+        .collect();
     if families.len() > 2 || (families.len() == 2 && families[0] == families[1]) {
         error!("--service-cluster-ip-range: at most one range per IP family");
         return ExitCode::from(2);

@@ -78,7 +78,11 @@ fn read(path: &Path) -> Result<Option<String>, PkiError> {
 impl Pki {
     /// Loads (or creates) the CA under `dir` and issues a serving certificate for
     /// `names` and `addresses`.
-    pub fn load_or_create(dir: &Path, names: &[String], addresses: &[IpAddr]) -> Result<Pki, PkiError> {
+    pub fn load_or_create(
+        dir: &Path,
+        names: &[String],
+        addresses: &[IpAddr],
+    ) -> Result<Pki, PkiError> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -131,11 +135,13 @@ impl Pki {
     pub fn server_config(&self) -> Result<rustls::ServerConfig, String> {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(self.server_cert_pem.as_bytes())
-            .chain(CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()))
-            .collect::<Result<_, _>>()
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(self.server_cert_pem.as_bytes())
+                .chain(CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes())
             .map_err(|e| e.to_string())?;
-        let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes()).map_err(|e| e.to_string())?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -156,7 +162,8 @@ mod tests {
     fn the_ca_is_kept_and_files_are_private() {
         let dir = std::env::temp_dir().join(format!("capstan-pki-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let a = Pki::load_or_create(&dir, &["localhost".into()], &["127.0.0.1".parse().unwrap()]).unwrap();
+        let a = Pki::load_or_create(&dir, &["localhost".into()], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
         let b = Pki::load_or_create(&dir, &["localhost".into()], &[]).unwrap();
         assert_eq!(a.ca_pem, b.ca_pem, "the CA survives a restart");
         assert_ne!(a.server_key_pem, b.server_key_pem);

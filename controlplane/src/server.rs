@@ -71,8 +71,35 @@ async fn version() -> Response {
         .into_response()
 }
 
+fn json_ok(v: serde_json::Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn openapi_v3(axum::extract::Path(gv): axum::extract::Path<String>) -> Response {
+    let segs: Vec<&str> = gv.split('/').collect();
+    let doc = match segs.as_slice() {
+        ["api", v] => api::discovery::openapi_v3("", v),
+        ["apis", g, v] => api::discovery::openapi_v3(g, v),
+        _ => None,
+    };
+    match doc {
+        Some(d) => json_ok(d),
+        None => openapi_missing().await,
+    }
+}
+
 async fn openapi_missing() -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource").into_response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+    .into_response()
 }
 
 pub fn router(api: Arc<Api>, tokens: Arc<Tokens>, anonymous: bool) -> Router {
@@ -82,16 +109,29 @@ pub fn router(api: Arc<Api>, tokens: Arc<Tokens>, anonymous: bool) -> Router {
         .route("/livez", get(ok))
         .route("/readyz", get(ok))
         .route("/openapi/v2", get(openapi_missing))
-        .route("/openapi/v3", get(openapi_missing))
+        .route(
+            "/openapi/v3",
+            get(|| async { json_ok(api::discovery::openapi_v3_index()) }),
+        )
+        .route("/openapi/v3/{*gv}", get(openapi_v3))
         .route("/api", any(api::dispatch))
         .route("/api/{*rest}", any(api::dispatch))
         .route("/apis", any(api::dispatch))
         .route("/apis/{*rest}", any(api::dispatch))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
         })
-        .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES + 1))
-        .layer(middleware::from_fn_with_state(AuthState { tokens, anonymous }, authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            api::MAX_BODY_BYTES + 1,
+        ))
+        .layer(middleware::from_fn_with_state(
+            AuthState { tokens, anonymous },
+            authenticate,
+        ))
         .with_state(api)
 }
 
@@ -104,14 +144,22 @@ fn hostname() -> Option<String> {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let store = Arc::new(Embedded::open(&opts.data_dir.join("store")).context("opening the store")?);
-    tokio::spawn(store::compact_periodically(store.clone(), Duration::from_secs(300)));
+    let store =
+        Arc::new(Embedded::open(&opts.data_dir.join("store")).context("opening the store")?);
+    tokio::spawn(store::compact_periodically(
+        store.clone(),
+        Duration::from_secs(300),
+    ));
     let api = Arc::new(Api {
         store,
         alloc: Mutex::new(Allocator::new(opts.service_ranges.clone(), opts.node_ports)),
     });
-    let advertise = opts.advertise.or_else(|| (!opts.bind.ip().is_unspecified()).then_some(opts.bind.ip()));
-    api.bootstrap(advertise, opts.bind.port()).await.context("bootstrapping")?;
+    let advertise = opts
+        .advertise
+        .or_else(|| (!opts.bind.ip().is_unspecified()).then_some(opts.bind.ip()));
+    api.bootstrap(advertise, opts.bind.port())
+        .await
+        .context("bootstrapping")?;
 
     let mut names = vec![
         "localhost".to_string(),
@@ -121,9 +169,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "kubernetes.default.svc.cluster.local".into(),
     ];
     names.extend(hostname());
-    names.extend(opts.extra_sans.iter().filter(|s| s.parse::<IpAddr>().is_err()).cloned());
+    names.extend(
+        opts.extra_sans
+            .iter()
+            .filter(|s| s.parse::<IpAddr>().is_err())
+            .cloned(),
+    );
     let mut addrs: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
-    addrs.extend(opts.extra_sans.iter().filter_map(|s| s.parse::<IpAddr>().ok()));
+    addrs.extend(
+        opts.extra_sans
+            .iter()
+            .filter_map(|s| s.parse::<IpAddr>().ok()),
+    );
     addrs.extend(advertise);
     if !opts.bind.ip().is_unspecified() {
         addrs.push(opts.bind.ip());
@@ -137,11 +194,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     addrs.sort();
     addrs.dedup();
-    let pki = Pki::load_or_create(&opts.data_dir.join("pki"), &names, &addrs).context("TLS material")?;
+    let pki =
+        Pki::load_or_create(&opts.data_dir.join("pki"), &names, &addrs).context("TLS material")?;
     let (tokens, admin) = Tokens::load_or_create(&opts.data_dir).context("tokens")?;
     let server_url = match (opts.bind.ip().is_unspecified(), advertise) {
-        (true, _) | (false, None) if opts.bind.ip().is_unspecified() => format!("https://127.0.0.1:{}", opts.bind.port()),
-        _ => format!("https://{}", SocketAddr::new(opts.bind.ip(), opts.bind.port())),
+        (true, _) | (false, None) if opts.bind.ip().is_unspecified() => {
+            format!("https://127.0.0.1:{}", opts.bind.port())
+        }
+        _ => format!(
+            "https://{}",
+            SocketAddr::new(opts.bind.ip(), opts.bind.port())
+        ),
     };
     {
         use std::io::Write;
@@ -158,7 +221,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", opts.kubeconfig_out.display()))?;
         f.write_all(auth::kubeconfig(&server_url, &pki.ca_pem, "admin", &admin).as_bytes())?;
     }
-    let tls = Arc::new(pki.server_config().map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?);
+    let tls = Arc::new(
+        pki.server_config()
+            .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?,
+    );
     let app = router(api, Arc::new(tokens), opts.anonymous);
 
     let listener = tokio::net::TcpListener::bind(opts.bind)
@@ -180,16 +246,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(peer = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             if let Err(e) = builder
                 .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
                 .await

@@ -242,6 +242,7 @@ fn package_of_bin(name: &str) -> Result<&'static str> {
     match name {
         "capstan-echo" | "capstan-probe" => Ok("capstan-tests"),
         "capstan-proxy" => Ok("capstan-proxy"),
+        "capstan-server" => Ok("capstan-controlplane"),
         other => bail!("bin_path: don't know which package builds binary {other:?}"),
     }
 }

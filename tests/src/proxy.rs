@@ -505,9 +505,11 @@ impl ProxyFixture {
     /// The command line the agent runs with (plus `extra`).
     pub fn agent_command(&self, extra: &[String]) -> Result<Command> {
         let mut c = Command::new(bin_path("capstan-proxy")?);
-        c.arg("--manifests")
-            .arg(&self.manifests)
-            .arg("--bpffs-dir")
+        // The agent reads the manifest directory unless it is pointed at an API server.
+        if !extra.iter().any(|a| a == "--kubeconfig" || a == "--master") {
+            c.arg("--manifests").arg(&self.manifests);
+        }
+        c.arg("--bpffs-dir")
             .arg(self.topo.bpffs_dir())
             .arg("--cgroup-path")
             .arg(self.topo.cgroup_path())

@@ -95,7 +95,15 @@ pub fn build_bins(root: &std::path::Path, release: bool) -> Result<()> {
     if release {
         cmd.arg("--release");
     }
-    run(cmd.args(["-p", "capstan-proxy", "-p", "capstan-tests", "--bins"]))
+    run(cmd.args([
+        "-p",
+        "capstan-proxy",
+        "-p",
+        "capstan-controlplane",
+        "-p",
+        "capstan-tests",
+        "--bins",
+    ]))
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

@@ -147,7 +147,11 @@ fn node_ports(svc: &Value) -> Vec<(u16, String)> {
 /// Defaults, validates and allocates a new Service in place (`old`: the stored version
 /// on update, whose allocations carry over). Returns the field errors; on success the
 /// allocator holds the new allocations.
-pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator) -> Result<(), Vec<Cause>> {
+pub fn admit_service(
+    svc: &mut Value,
+    old: Option<&Value>,
+    alloc: &mut Allocator,
+) -> Result<(), Vec<Cause>> {
     let mut errs = Vec::new();
     if !svc.get("spec").is_some_and(|s| s.is_object()) {
         svc["spec"] = json!({});
@@ -158,7 +162,10 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
         .and_then(|t| t.as_str())
         .unwrap_or("ClusterIP")
         .to_string();
-    if !matches!(ty.as_str(), "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+    if !matches!(
+        ty.as_str(),
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
         errs.push(cause(
             "spec.type",
             "FieldValueNotSupported",
@@ -168,7 +175,12 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
     }
     spec["type"] = json!(ty);
     if ty == "ExternalName" {
-        if spec.get("externalName").and_then(|v| v.as_str()).unwrap_or("").is_empty() {
+        if spec
+            .get("externalName")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .is_empty()
+        {
             errs.push(required("spec.externalName"));
         }
         return if errs.is_empty() { Ok(()) } else { Err(errs) };
@@ -206,27 +218,52 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
             errs.push(cause(
                 f("protocol"),
                 "FieldValueNotSupported",
-                format!("Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""),
+                format!(
+                    "Unsupported value: {proto:?}: supported values: \"SCTP\", \"TCP\", \"UDP\""
+                ),
             ));
         }
         p["protocol"] = json!(proto);
         let port = p.get("port").and_then(|v| v.as_i64()).unwrap_or(0);
         if !(1..=65535).contains(&port) {
-            errs.push(invalid(f("port"), p.get("port").unwrap_or(&Value::Null), "must be between 1 and 65535, inclusive"));
+            errs.push(invalid(
+                f("port"),
+                p.get("port").unwrap_or(&Value::Null),
+                "must be between 1 and 65535, inclusive",
+            ));
         }
-        let name = p.get("name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let name = p
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
         if multi && name.is_empty() {
             errs.push(required(f("name")));
         } else if !name.is_empty() && !names.insert(name.clone()) {
-            errs.push(cause(f("name"), "FieldValueDuplicate", format!("Duplicate value: {name:?}")));
+            errs.push(cause(
+                f("name"),
+                "FieldValueDuplicate",
+                format!("Duplicate value: {name:?}"),
+            ));
         }
         if !seen.insert((port, proto.clone())) {
-            errs.push(cause(f(""), "FieldValueDuplicate", format!("Duplicate value: {{Port:{port} Protocol:{proto}}}")).clone());
+            errs.push(
+                cause(
+                    f(""),
+                    "FieldValueDuplicate",
+                    format!("Duplicate value: {{Port:{port} Protocol:{proto}}}"),
+                )
+                .clone(),
+            );
         }
         match p.get("targetPort") {
             None | Some(Value::Null) => p["targetPort"] = json!(port),
             Some(Value::Number(n)) if !(1..=65535).contains(&n.as_i64().unwrap_or(0)) => {
-                errs.push(invalid(f("targetPort"), &json!(n), "must be between 1 and 65535, inclusive"))
+                errs.push(invalid(
+                    f("targetPort"),
+                    &json!(n),
+                    "must be between 1 and 65535, inclusive",
+                ))
             }
             _ => {}
         }
@@ -240,19 +277,24 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
             ips = old_ips.clone();
         }
         if !old_ips.is_empty() && ips != old_ips {
-            errs.push(invalid("spec.clusterIPs[0]", &json!(ips), "field is immutable"));
+            errs.push(invalid(
+                "spec.clusterIPs[0]",
+                &json!(ips),
+                "field is immutable",
+            ));
         }
         if ips.is_empty() {
-            let v6 = svc
-                .pointer("/spec/ipFamilies/0")
-                .and_then(|v| v.as_str())
-                == Some("IPv6");
+            let v6 = svc.pointer("/spec/ipFamilies/0").and_then(|v| v.as_str()) == Some("IPv6");
             match alloc.next_ip(v6) {
                 Some(ip) => {
                     new_ips.push(ip);
                     ips.push(ip.to_string());
                 }
-                None => errs.push(cause("spec.clusterIPs", "FieldValueInvalid", "Internal error: failed to allocate a serviceIP: range is full")),
+                None => errs.push(cause(
+                    "spec.clusterIPs",
+                    "FieldValueInvalid",
+                    "Internal error: failed to allocate a serviceIP: range is full",
+                )),
             }
         } else if old_ips.is_empty() {
             for (i, s) in ips.iter().enumerate() {
@@ -282,7 +324,11 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
             .collect();
         spec["ipFamilies"] = json!(fams);
         if spec.get("ipFamilyPolicy").is_none() {
-            spec["ipFamilyPolicy"] = json!(if fams.len() > 1 { "RequireDualStack" } else { "SingleStack" });
+            spec["ipFamilyPolicy"] = json!(if fams.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            });
         }
     }
     // Node ports.
@@ -298,18 +344,32 @@ pub fn admit_service(svc: &mut Value, old: Option<&Value>, alloc: &mut Allocator
                     let kept = old_ports.contains(&(np16, proto.clone()));
                     if np < lo as i64 || np > hi as i64 {
                         errs.push(invalid(format!("spec.ports[{i}].nodePort"), &json!(np), &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}")));
-                    } else if !kept && (alloc.ports.contains(&(np16, proto.clone())) || new_ports.contains(&(np16, proto.clone()))) {
-                        errs.push(invalid(format!("spec.ports[{i}].nodePort"), &json!(np), "provided port is already allocated"));
+                    } else if !kept
+                        && (alloc.ports.contains(&(np16, proto.clone()))
+                            || new_ports.contains(&(np16, proto.clone())))
+                    {
+                        errs.push(invalid(
+                            format!("spec.ports[{i}].nodePort"),
+                            &json!(np),
+                            "provided port is already allocated",
+                        ));
                     } else if !kept {
                         new_ports.push((np16, proto));
                     }
                 }
-                _ => match alloc.next_port(&proto).filter(|p| !new_ports.contains(&(*p, proto.clone()))) {
+                _ => match alloc
+                    .next_port(&proto)
+                    .filter(|p| !new_ports.contains(&(*p, proto.clone())))
+                {
                     Some(np) => {
                         p["nodePort"] = json!(np);
                         new_ports.push((np, proto));
                     }
-                    None => errs.push(cause(format!("spec.ports[{i}].nodePort"), "FieldValueInvalid", "Internal error: failed to allocate a nodePort: range is full")),
+                    None => errs.push(cause(
+                        format!("spec.ports[{i}].nodePort"),
+                        "FieldValueInvalid",
+                        "Internal error: failed to allocate a nodePort: range is full",
+                    )),
                 },
             }
         }
@@ -378,11 +438,21 @@ pub fn validate_endpoint_slice(v: &Value) -> Vec<Cause> {
             }
         }
     }
-    for (i, p) in v.get("ports").and_then(|x| x.as_array()).into_iter().flatten().enumerate() {
+    for (i, p) in v
+        .get("ports")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         if let Some(n) = p.get("port").and_then(|x| x.as_i64())
             && !(1..=65535).contains(&n)
         {
-            errs.push(invalid(format!("ports[{i}].port"), &json!(n), "must be between 1 and 65535, inclusive"));
+            errs.push(invalid(
+                format!("ports[{i}].port"),
+                &json!(n),
+                "must be between 1 and 65535, inclusive",
+            ));
         }
     }
     errs
@@ -394,7 +464,10 @@ mod tests {
 
     fn alloc() -> Allocator {
         Allocator::new(
-            vec!["10.96.0.0/28".parse().unwrap(), "fd00:96::/120".parse().unwrap()],
+            vec![
+                "10.96.0.0/28".parse().unwrap(),
+                "fd00:96::/120".parse().unwrap(),
+            ],
             (30000, 30002),
         )
     }
@@ -415,13 +488,28 @@ mod tests {
         // The same IP and port again: already allocated.
         let mut dup = json!({"spec": {"type": "NodePort", "clusterIP": ip.to_string(), "ports": [{"port": 80, "nodePort": np}]}});
         let errs = admit_service(&mut dup, None, &mut a).unwrap_err();
-        assert!(errs.iter().any(|e| e.2.contains("provided IP is already allocated")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.2.contains("provided port is already allocated")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.2.contains("provided IP is already allocated")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.2.contains("provided port is already allocated")),
+            "{errs:?}"
+        );
         // Out of range.
         let mut out = json!({"spec": {"type": "NodePort", "clusterIP": "10.0.0.1", "ports": [{"port": 80, "nodePort": 80}]}});
         let errs = admit_service(&mut out, None, &mut a).unwrap_err();
-        assert!(errs.iter().any(|e| e.0 == "spec.ports[0].nodePort" && e.2.contains("30000-30002")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.2.contains("not in the valid range")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.0 == "spec.ports[0].nodePort" && e.2.contains("30000-30002")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.2.contains("not in the valid range")),
+            "{errs:?}"
+        );
         // Release frees them.
         a.release(&svc);
         assert!(a.ips.is_empty() && a.ports.is_empty());
@@ -430,7 +518,8 @@ mod tests {
     #[test]
     fn invalid_services_say_which_field() {
         let mut a = alloc();
-        let mut svc = json!({"spec": {"ports": [{"port": 70000, "protocol": "ICMP"}, {"port": 80}]}});
+        let mut svc =
+            json!({"spec": {"ports": [{"port": 70000, "protocol": "ICMP"}, {"port": 80}]}});
         let errs = admit_service(&mut svc, None, &mut a).unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.0.as_str()).collect();
         assert!(fields.contains(&"spec.ports[0].port"), "{fields:?}");

@@ -62,7 +62,11 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         list.push(main);
         for sub in r.subresources {
             let (kind, group_version, verbs) = match *sub {
-                "scale" => ("Scale", Some("autoscaling/v1"), vec!["get", "patch", "update"]),
+                "scale" => (
+                    "Scale",
+                    Some("autoscaling/v1"),
+                    vec!["get", "patch", "update"],
+                ),
                 "binding" => ("Binding", None, vec!["create"]),
                 _ => (r.kind, None, vec!["get", "patch", "update"]),
             };
@@ -89,7 +93,9 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     } else {
         format!("{group}/{version}")
     };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}),
+    )
 }
 
 /// /api
@@ -225,19 +231,104 @@ mod tests {
             .iter()
             .map(|r| r["name"].as_str().unwrap())
             .collect();
-        for n in ["services", "services/status", "pods/binding", "namespaces", "nodes"] {
+        for n in [
+            "services",
+            "services/status",
+            "pods/binding",
+            "namespaces",
+            "nodes",
+        ] {
             assert!(names.contains(&n), "{n}");
         }
         assert!(resource_list("apps", "v1").is_some());
         assert!(resource_list("nope", "v1").is_none());
         let groups = group_list();
-        assert!(groups["groups"].as_array().unwrap().iter().any(|g| g["name"] == "discovery.k8s.io"));
+        assert!(
+            groups["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["name"] == "discovery.k8s.io")
+        );
         let agg = aggregated(false, "apidiscovery.k8s.io/v2");
         assert!(agg["items"].as_array().unwrap().len() >= 3);
         assert_eq!(
-            wants_aggregated("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"),
+            wants_aggregated(
+                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
+            ),
             Some("v2")
         );
         assert_eq!(wants_aggregated("application/json"), None);
     }
+}
+
+/// The OpenAPI v3 index: one document per group version.
+pub fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (g, v) in groups() {
+        let p = if g.is_empty() {
+            format!("api/{v}")
+        } else {
+            format!("apis/{g}/{v}")
+        };
+        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=capstan-{}", super::discovery::GIT_VERSION)}));
+    }
+    json!({"paths": paths})
+}
+
+/// One group version's OpenAPI v3 document: every operation on every resource, marked
+/// with its group/version/kind and accepting `fieldValidation` (so kubectl lets the server
+/// validate, strictly, instead of validating against a schema itself).
+pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    let mut found = false;
+    let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    for r in resources_of(group, version) {
+        found = true;
+        let base = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let gvk = json!({"group": group, "version": version, "kind": r.kind});
+        let op = |action: &str| {
+            json!({
+                "operationId": format!("{action}{}", r.kind),
+                "parameters": [param("fieldValidation"), param("fieldManager"), param("dryRun")],
+                "responses": {"200": {"description": "OK"}},
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+            })
+        };
+        let (collection, item) = if r.namespaced {
+            (
+                format!("{base}/namespaces/{{namespace}}/{}", r.plural),
+                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural),
+            )
+        } else {
+            (
+                format!("{base}/{}", r.plural),
+                format!("{base}/{}/{{name}}", r.plural),
+            )
+        };
+        paths.insert(
+            collection,
+            json!({"get": op("list"), "post": op("post"), "delete": op("deletecollection")}),
+        );
+        paths.insert(item.clone(), json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}));
+        for sub in r.subresources {
+            paths.insert(
+                format!("{item}/{sub}"),
+                json!({"get": op("get"), "put": op("put"), "patch": op("patch")}),
+            );
+        }
+    }
+    found.then(|| {
+        json!({
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": GIT_VERSION},
+            "paths": paths,
+            "components": {"schemas": {}},
+        })
+    })
 }

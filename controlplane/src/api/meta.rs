@@ -137,7 +137,9 @@ impl LabelSelector {
                 let inner = rest
                     .strip_prefix('(')
                     .and_then(|r| r.strip_suffix(')'))
-                    .ok_or_else(|| format!("unable to parse requirement: {t:?}: expected (values)"))?;
+                    .ok_or_else(|| {
+                        format!("unable to parse requirement: {t:?}: expected (values)")
+                    })?;
                 Ok(inner
                     .split(',')
                     .map(|v| v.trim().to_string())
@@ -169,7 +171,8 @@ impl LabelSelector {
                 | Requirement::Exists(k)
                 | Requirement::NotExists(k) => k,
             };
-            check_label_key(key).map_err(|e| format!("unable to parse requirement: key {key:?}: {e}"))?;
+            check_label_key(key)
+                .map_err(|e| format!("unable to parse requirement: key {key:?}: {e}"))?;
             reqs.push(req);
         }
         Ok(LabelSelector(reqs))
@@ -242,16 +245,16 @@ impl FieldSelector {
             } else if let Some((k, v)) = term.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(format!("invalid selector: {term:?}; can't understand {term:?}"));
+                return Err(format!(
+                    "invalid selector: {term:?}; can't understand {term:?}"
+                ));
             };
             let k = k.trim();
             if k != "metadata.name"
                 && k != "metadata.namespace"
                 && !selectable_fields(kind).contains(&k)
             {
-                return Err(format!(
-                    "field label not supported: {k}"
-                ));
+                return Err(format!("field label not supported: {k}"));
             }
             out.push((k.to_string(), eq, v.trim().to_string()));
         }

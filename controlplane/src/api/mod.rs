@@ -31,7 +31,8 @@ pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
 /// Namespaces that always exist.
-pub const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+pub const SYSTEM_NAMESPACES: &[&str] =
+    &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 pub struct Api {
     pub store: Arc<Embedded>,
@@ -62,7 +63,10 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn store_err(e: StoreError) -> ApiError {
     match e {
-        StoreError::Mvcc(mvcc::Error::Compacted { requested, compacted }) => ApiError::gone(format!(
+        StoreError::Mvcc(mvcc::Error::Compacted {
+            requested,
+            compacted,
+        }) => ApiError::gone(format!(
             "too old resource version: {requested} ({compacted})"
         )),
         StoreError::Mvcc(mvcc::Error::FutureRevision { requested, current }) => ApiError::new(
@@ -76,8 +80,18 @@ fn store_err(e: StoreError) -> ApiError {
 
 /// Parses `/api/...` or `/apis/...` into what it names.
 fn route(path: &str) -> Result<Target, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    };
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["api"] => return Ok(Target::Discovery(discovery::core_versions())),
         ["api", v] => {
@@ -87,7 +101,11 @@ fn route(path: &str) -> Result<Target, ApiError> {
         }
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis"] => return Ok(Target::Discovery(discovery::group_list())),
-        ["apis", g] => return discovery::group(g).map(Target::Discovery).ok_or_else(not_found),
+        ["apis", g] => {
+            return discovery::group(g)
+                .map(Target::Discovery)
+                .ok_or_else(not_found);
+        }
         ["apis", g, v] => {
             return discovery::resource_list(g, v)
                 .map(Target::Discovery)
@@ -168,7 +186,12 @@ fn encode(v: &Value) -> Result<Arc<[u8]>, ApiError> {
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> &'a str {
@@ -183,9 +206,8 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let ct = header_str(headers, header::CONTENT_TYPE);
     let mime = ct.split(';').next().unwrap_or("").trim();
     let v: Value = match mime {
-        "application/json" | "" => serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("error decoding JSON: {e}"))
-        })?,
+        "application/json" | "" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))?,
         "application/yaml" | "application/apply-patch+yaml" => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
         other => return Err(ApiError::unsupported_media_type(other)),
@@ -231,7 +253,11 @@ fn check_object(res: &Resource, v: &mut Value, name: &str) -> Result<(), ApiErro
     }
     let mut causes = Vec::new();
     if let Err(e) = name_check(res, name) {
-        causes.push(("metadata.name".into(), "FieldValueInvalid".into(), format!("Invalid value: {name:?}: {e}")));
+        causes.push((
+            "metadata.name".into(),
+            "FieldValueInvalid".into(),
+            format!("Invalid value: {name:?}: {e}"),
+        ));
     }
     for (field, check_values) in [("labels", true), ("annotations", false)] {
         match v["metadata"].get(field) {
@@ -239,20 +265,36 @@ fn check_object(res: &Resource, v: &mut Value, name: &str) -> Result<(), ApiErro
             Some(Value::Object(m)) => {
                 for (k, val) in m {
                     if let Err(e) = meta::check_label_key(k) {
-                        causes.push((format!("metadata.{field}"), "FieldValueInvalid".into(), format!("Invalid value: {k:?}: {e}")));
+                        causes.push((
+                            format!("metadata.{field}"),
+                            "FieldValueInvalid".into(),
+                            format!("Invalid value: {k:?}: {e}"),
+                        ));
                     }
                     match val.as_str() {
                         Some(s) if check_values => {
                             if let Err(e) = meta::check_label_value(s) {
-                                causes.push((format!("metadata.{field}"), "FieldValueInvalid".into(), format!("Invalid value: {s:?}: {e}")));
+                                causes.push((
+                                    format!("metadata.{field}"),
+                                    "FieldValueInvalid".into(),
+                                    format!("Invalid value: {s:?}: {e}"),
+                                ));
                             }
                         }
                         Some(_) => {}
-                        None => causes.push((format!("metadata.{field}"), "FieldValueInvalid".into(), format!("Invalid value: {k:?}: values must be strings"))),
+                        None => causes.push((
+                            format!("metadata.{field}"),
+                            "FieldValueInvalid".into(),
+                            format!("Invalid value: {k:?}: values must be strings"),
+                        )),
                     }
                 }
             }
-            Some(_) => causes.push((format!("metadata.{field}"), "FieldValueInvalid".into(), "must be a map of strings".into())),
+            Some(_) => causes.push((
+                format!("metadata.{field}"),
+                "FieldValueInvalid".into(),
+                "must be a map of strings".into(),
+            )),
         }
     }
     if causes.is_empty() {
@@ -269,11 +311,16 @@ fn has_status(res: &Resource) -> bool {
 impl Api {
     /// Creates the system namespaces and the `kubernetes` Service when missing, and loads
     /// the allocator with what stored Services hold.
-    pub async fn bootstrap(&self, api_address: Option<std::net::IpAddr>, api_port: u16) -> anyhow::Result<()> {
+    pub async fn bootstrap(
+        &self,
+        api_address: Option<std::net::IpAddr>,
+        api_port: u16,
+    ) -> anyhow::Result<()> {
         let ns_res = resources::find("", "v1", "namespaces").expect("namespaces in the table");
         for ns in SYSTEM_NAMESPACES {
             if self.store.get(&ns_res.key(None, ns))?.is_none() {
-                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
                 if let Err(e) = self.create(ns_res, None, obj, &Params::new()).await
                     && e.reason != "AlreadyExists"
                 {
@@ -291,12 +338,20 @@ impl Api {
                 }
             }
         }
-        if self.store.get(&svc_res.key(Some("default"), "kubernetes"))?.is_none() {
+        if self
+            .store
+            .get(&svc_res.key(Some("default"), "kubernetes"))?
+            .is_none()
+        {
             let first = {
                 let alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
                 alloc.ranges.first().map(|r| match r {
-                    ipnet::IpNet::V4(n) => std::net::IpAddr::V4((u32::from(n.network()) + 1).into()),
-                    ipnet::IpNet::V6(n) => std::net::IpAddr::V6((u128::from(n.network()) + 1).into()),
+                    ipnet::IpNet::V4(n) => {
+                        std::net::IpAddr::V4((u32::from(n.network()) + 1).into())
+                    }
+                    ipnet::IpNet::V6(n) => {
+                        std::net::IpAddr::V6((u128::from(n.network()) + 1).into())
+                    }
                 })
             };
             let mut spec = json!({"ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": api_port}], "sessionAffinity": "None", "type": "ClusterIP"});
@@ -306,12 +361,16 @@ impl Api {
             let obj = json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
                 "spec": spec});
-            if let Err(e) = self.create(svc_res, Some("default"), obj, &Params::new()).await {
+            if let Err(e) = self
+                .create(svc_res, Some("default"), obj, &Params::new())
+                .await
+            {
                 warn!(error = %e.message, "cannot create the kubernetes Service");
             }
         }
         if let Some(addr) = api_address {
-            let slice_res = resources::find("discovery.k8s.io", "v1", "endpointslices").expect("endpointslices");
+            let slice_res = resources::find("discovery.k8s.io", "v1", "endpointslices")
+                .expect("endpointslices");
             let fam = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
             let obj = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "capstan-server"}},
@@ -322,14 +381,27 @@ impl Api {
             let current = self.store.get(&key)?;
             match current {
                 None => {
-                    let _ = self.create(slice_res, Some("default"), obj, &Params::new()).await;
+                    let _ = self
+                        .create(slice_res, Some("default"), obj, &Params::new())
+                        .await;
                 }
                 Some(kv) => {
                     let old = decode(&kv).map_err(|e| anyhow::anyhow!(e.message))?;
-                    if old.get("endpoints") != obj.get("endpoints") || old.get("ports") != obj.get("ports") {
+                    if old.get("endpoints") != obj.get("endpoints")
+                        || old.get("ports") != obj.get("ports")
+                    {
                         let mut new = obj.clone();
                         new["metadata"] = old["metadata"].clone();
-                        let _ = self.put(slice_res, Some("default"), "kubernetes", new, None, &Params::new()).await;
+                        let _ = self
+                            .put(
+                                slice_res,
+                                Some("default"),
+                                "kubernetes",
+                                new,
+                                None,
+                                &Params::new(),
+                            )
+                            .await;
                     }
                 }
             }
@@ -339,10 +411,20 @@ impl Api {
 
     async fn namespace_exists(&self, ns: &str) -> Result<bool, ApiError> {
         let res = resources::find("", "v1", "namespaces").expect("namespaces");
-        Ok(self.store.get(&res.key(None, ns)).map_err(store_err)?.is_some())
+        Ok(self
+            .store
+            .get(&res.key(None, ns))
+            .map_err(store_err)?
+            .is_some())
     }
 
-    fn admit(&self, res: &Resource, obj: &mut Value, old: Option<&Value>, name: &str) -> Result<(), ApiError> {
+    fn admit(
+        &self,
+        res: &Resource,
+        obj: &mut Value,
+        old: Option<&Value>,
+        name: &str,
+    ) -> Result<(), ApiError> {
         match res.kind {
             "Service" => {
                 let mut alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
@@ -381,18 +463,32 @@ impl Api {
         }
     }
 
-    pub async fn create(&self, res: &'static Resource, ns: Option<&str>, mut obj: Value, params: &Params) -> Result<Value, ApiError> {
+    pub async fn create(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
         let dry_run = params.get("dryRun").is_some_and(|d| d == "All");
         if !obj.get("metadata").is_some_and(|m| m.is_object()) {
             obj["metadata"] = json!({});
         }
-        let body_ns = obj["metadata"].get("namespace").and_then(|n| n.as_str()).map(String::from);
+        let body_ns = obj["metadata"]
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .map(String::from);
         let ns = if res.namespaced {
-            let ns = ns.map(String::from).or(body_ns.clone()).unwrap_or_else(|| "default".into());
+            let ns = ns
+                .map(String::from)
+                .or(body_ns.clone())
+                .unwrap_or_else(|| "default".into());
             if let Some(b) = &body_ns
                 && *b != ns
             {
-                return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
             }
             if !self.namespace_exists(&ns).await? {
                 return Err(ApiError::not_found("", "namespaces", &ns));
@@ -410,11 +506,16 @@ impl Api {
             _ => match obj["metadata"].get("generateName").and_then(|n| n.as_str()) {
                 Some(g) if !g.is_empty() => format!("{g}{}", meta::random_suffix()),
                 _ => {
-                    return Err(ApiError::invalid(res.kind, res.group, "", vec![(
-                        "metadata.name".into(),
-                        "FieldValueRequired".into(),
-                        "Required value: name or generateName is required".into(),
-                    )]));
+                    return Err(ApiError::invalid(
+                        res.kind,
+                        res.group,
+                        "",
+                        vec![(
+                            "metadata.name".into(),
+                            "FieldValueRequired".into(),
+                            "Required value: name or generateName is required".into(),
+                        )],
+                    ));
                 }
             },
         };
@@ -447,7 +548,11 @@ impl Api {
             }
         };
         let key = res.key(ns.as_deref(), &name);
-        match self.store.write(Write::Put { key, value }, Expect::Absent).await {
+        match self
+            .store
+            .write(Write::Put { key, value }, Expect::Absent)
+            .await
+        {
             Ok(ev) => {
                 obj["metadata"]["resourceVersion"] = json!(ev.revision.to_string());
                 Ok(obj)
@@ -463,7 +568,12 @@ impl Api {
         }
     }
 
-    async fn get_obj(&self, res: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+    async fn get_obj(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
         match self.store.get(&res.key(ns, name)).map_err(store_err)? {
             Some(kv) => decode(&kv),
             None => Err(ApiError::not_found(res.group, res.plural, name)),
@@ -472,7 +582,15 @@ impl Api {
 
     /// Replaces an object (PUT), or its status (`sub` = "status"), with optimistic
     /// concurrency when the body carries a resourceVersion.
-    pub async fn put(&self, res: &'static Resource, ns: Option<&str>, name: &str, mut obj: Value, sub: Option<&str>, params: &Params) -> Result<Value, ApiError> {
+    pub async fn put(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+        sub: Option<&str>,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
         let dry_run = params.get("dryRun").is_some_and(|d| d == "All");
         if !obj.get("metadata").is_some_and(|m| m.is_object()) {
             obj["metadata"] = json!({});
@@ -489,7 +607,9 @@ impl Api {
         if let Some(ns) = ns {
             match obj["metadata"].get("namespace").and_then(|n| n.as_str()) {
                 Some(b) if b != ns => {
-                    return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
                 }
                 _ => obj["metadata"]["namespace"] = json!(ns),
             }
@@ -501,16 +621,28 @@ impl Api {
             return Err(ApiError::not_found(res.group, res.plural, name));
         };
         let old = decode(&current)?;
-        let expect = match obj["metadata"].get("resourceVersion").and_then(|r| r.as_str()) {
+        let expect = match obj["metadata"]
+            .get("resourceVersion")
+            .and_then(|r| r.as_str())
+        {
             Some(rv) if !rv.is_empty() => match rv.parse::<u64>() {
                 Ok(r) if r == current.mod_revision => Expect::ModRevision(r),
                 Ok(_) => return Err(ApiError::conflict(res.group, res.plural, name)),
-                Err(_) => return Err(ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))),
+                Err(_) => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid resourceVersion {rv:?}"
+                    )));
+                }
             },
             _ => Expect::ModRevision(current.mod_revision),
         };
         // What the caller may not change.
-        for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
             match old["metadata"].get(f) {
                 Some(v) => obj["metadata"][f] = v.clone(),
                 None => {
@@ -566,7 +698,9 @@ impl Api {
                     obj["metadata"]["resourceVersion"] = json!(ev.revision.to_string());
                     Ok(obj)
                 }
-                Err(StoreError::Mvcc(mvcc::Error::Conflict(_))) => Err(ApiError::conflict(res.group, res.plural, name)),
+                Err(StoreError::Mvcc(mvcc::Error::Conflict(_))) => {
+                    Err(ApiError::conflict(res.group, res.plural, name))
+                }
                 Err(e) => Err(store_err(e)),
             };
         }
@@ -588,12 +722,24 @@ impl Api {
 
     fn released(&self, res: &Resource, obj: &Value) {
         if res.kind == "Service" {
-            self.alloc.lock().unwrap_or_else(|p| p.into_inner()).release(obj);
+            self.alloc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(obj);
         }
     }
 
     /// PATCH: read, patch, write with the read's revision; retried on a conflict.
-    async fn patch(&self, res: &'static Resource, ns: Option<&str>, name: &str, sub: Option<&str>, headers: &HeaderMap, body: &Bytes, params: &Params) -> Result<Value, ApiError> {
+    async fn patch(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+        headers: &HeaderMap,
+        body: &Bytes,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
         if body.len() > MAX_BODY_BYTES {
             return Err(ApiError::too_large());
         }
@@ -607,23 +753,26 @@ impl Api {
             };
             let patched = match (mime.as_str(), &current) {
                 ("application/json-patch+json", Some(cur)) => {
-                    let p: json_patch::Patch = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("error decoding JSON patch: {e}")))?;
+                    let p: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
+                        ApiError::bad_request(format!("error decoding JSON patch: {e}"))
+                    })?;
                     let mut doc = cur.clone();
                     json_patch::patch(&mut doc, &p)
                         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))?;
                     doc
                 }
                 ("application/merge-patch+json", Some(cur)) => {
-                    let p: Value = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("error decoding merge patch: {e}")))?;
+                    let p: Value = serde_json::from_slice(body).map_err(|e| {
+                        ApiError::bad_request(format!("error decoding merge patch: {e}"))
+                    })?;
                     let mut doc = cur.clone();
                     json_patch::merge(&mut doc, &p);
                     doc
                 }
                 ("application/strategic-merge-patch+json", Some(cur)) => {
-                    let p: Value = serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(format!("error decoding strategic merge patch: {e}")))?;
+                    let p: Value = serde_json::from_slice(body).map_err(|e| {
+                        ApiError::bad_request(format!("error decoding strategic merge patch: {e}"))
+                    })?;
                     let mut doc = cur.clone();
                     strategic_merge(&mut doc, &p, "");
                     doc
@@ -660,7 +809,13 @@ impl Api {
         Err(ApiError::conflict(res.group, res.plural, name))
     }
 
-    async fn delete(&self, res: &'static Resource, ns: Option<&str>, name: &str, params: &Params) -> Result<Value, ApiError> {
+    async fn delete(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
         let dry_run = params.get("dryRun").is_some_and(|d| d == "All");
         for _ in 0..8 {
             let key = res.key(ns, name);
@@ -673,7 +828,9 @@ impl Api {
             }
             if res.kind == "Namespace" {
                 if SYSTEM_NAMESPACES.contains(&name) {
-                    return Err(ApiError::forbidden(format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted")));
+                    return Err(ApiError::forbidden(format!(
+                        "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+                    )));
                 }
                 self.empty_namespace(name).await?;
             }
@@ -687,15 +844,28 @@ impl Api {
                     obj["metadata"]["deletionTimestamp"] = json!(rfc3339(SystemTime::now()));
                     obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
                     let value = encode(&obj)?;
-                    match self.store.write(Write::Put { key, value }, Expect::ModRevision(kv.mod_revision)).await {
-                        Ok(ev) => obj["metadata"]["resourceVersion"] = json!(ev.revision.to_string()),
+                    match self
+                        .store
+                        .write(
+                            Write::Put { key, value },
+                            Expect::ModRevision(kv.mod_revision),
+                        )
+                        .await
+                    {
+                        Ok(ev) => {
+                            obj["metadata"]["resourceVersion"] = json!(ev.revision.to_string())
+                        }
                         Err(StoreError::Mvcc(mvcc::Error::Conflict(_))) => continue,
                         Err(e) => return Err(store_err(e)),
                     }
                 }
                 return Ok(obj);
             }
-            match self.store.write(Write::Delete { key }, Expect::ModRevision(kv.mod_revision)).await {
+            match self
+                .store
+                .write(Write::Delete { key }, Expect::ModRevision(kv.mod_revision))
+                .await
+            {
                 Ok(_) => {
                     self.released(res, &obj);
                     return Ok(obj);
@@ -710,7 +880,10 @@ impl Api {
     /// Deletes every namespaced object in a namespace (what the namespace controller does).
     async fn empty_namespace(&self, ns: &str) -> Result<(), ApiError> {
         for res in resources::RESOURCES.iter().filter(|r| r.namespaced) {
-            let range = self.store.range(&res.ns_prefix(Some(ns)), None, None, 0).map_err(store_err)?;
+            let range = self
+                .store
+                .range(&res.ns_prefix(Some(ns)), None, None, 0)
+                .map_err(store_err)?;
             for kv in range.kvs {
                 let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
                 let _ = Box::pin(self.delete(res, Some(ns), &name, &Params::new())).await;
@@ -720,25 +893,57 @@ impl Api {
     }
 
     /// The objects a list returns: selectors applied, chunked with limit/continue.
-    fn list_items(&self, res: &Resource, ns: Option<&str>, params: &Params) -> Result<(Vec<Value>, u64, Option<String>, Option<u64>), ApiError> {
-        let labels = meta::LabelSelector::parse(params.get("labelSelector").map(String::as_str).unwrap_or(""))
-            .map_err(ApiError::bad_request)?;
-        let fields = meta::FieldSelector::parse(params.get("fieldSelector").map(String::as_str).unwrap_or(""), res.kind)
-            .map_err(ApiError::bad_request)?;
-        let limit: usize = params.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    fn list_items(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        params: &Params,
+    ) -> Result<(Vec<Value>, u64, Option<String>, Option<u64>), ApiError> {
+        let labels = meta::LabelSelector::parse(
+            params
+                .get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(ApiError::bad_request)?;
+        let fields = meta::FieldSelector::parse(
+            params
+                .get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+            res.kind,
+        )
+        .map_err(ApiError::bad_request)?;
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
         let prefix = res.ns_prefix(ns);
         // continue = "<revision>:<last key>"
         let (at, start_after) = match params.get("continue").filter(|c| !c.is_empty()) {
             Some(c) => {
-                let (rev, key) = c.split_once(':').ok_or_else(|| ApiError::bad_request("continue key is not valid"))?;
-                let rev: u64 = rev.parse().map_err(|_| ApiError::bad_request("continue key is not valid"))?;
+                let (rev, key) = c
+                    .split_once(':')
+                    .ok_or_else(|| ApiError::bad_request("continue key is not valid"))?;
+                let rev: u64 = rev
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("continue key is not valid"))?;
                 (Some(rev), Some(key.to_string()))
             }
             None => {
-                let rv = params.get("resourceVersion").filter(|r| !r.is_empty() && *r != "0");
-                let exact = params.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+                let rv = params
+                    .get("resourceVersion")
+                    .filter(|r| !r.is_empty() && *r != "0");
+                let exact = params
+                    .get("resourceVersionMatch")
+                    .is_some_and(|m| m == "Exact");
                 match rv {
-                    Some(r) if exact => (Some(r.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {r:?}")))?), None),
+                    Some(r) if exact => (
+                        Some(r.parse().map_err(|_| {
+                            ApiError::bad_request(format!("invalid resourceVersion {r:?}"))
+                        })?),
+                        None,
+                    ),
                     _ => (None, None),
                 }
             }
@@ -750,7 +955,12 @@ impl Api {
         loop {
             let page = self
                 .store
-                .range(&prefix, cursor.as_deref(), at, if limit > 0 { limit * 2 } else { 0 })
+                .range(
+                    &prefix,
+                    cursor.as_deref(),
+                    at,
+                    if limit > 0 { limit * 2 } else { 0 },
+                )
                 .map_err(store_err)?;
             revision = page.revision;
             more = page.more;
@@ -777,19 +987,36 @@ impl Api {
             // The rest must come from the same revision.
             let _ = at;
             if at.is_none() {
-                return self.list_items_at(res, ns, params, revision, items, cursor, limit, &labels, &fields);
+                return self.list_items_at(
+                    res, ns, params, revision, items, cursor, limit, &labels, &fields,
+                );
             }
         }
-        let cont = (limit > 0 && more).then(|| format!("{revision}:{}", cursor.unwrap_or_default()));
+        let cont =
+            (limit > 0 && more).then(|| format!("{revision}:{}", cursor.unwrap_or_default()));
         let remaining = cont.as_ref().map(|_| 0);
         Ok((items, revision, cont, remaining))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn list_items_at(&self, res: &Resource, ns: Option<&str>, _params: &Params, rev: u64, mut items: Vec<Value>, mut cursor: Option<String>, limit: usize, labels: &meta::LabelSelector, fields: &meta::FieldSelector) -> Result<(Vec<Value>, u64, Option<String>, Option<u64>), ApiError> {
+    fn list_items_at(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        _params: &Params,
+        rev: u64,
+        mut items: Vec<Value>,
+        mut cursor: Option<String>,
+        limit: usize,
+        labels: &meta::LabelSelector,
+        fields: &meta::FieldSelector,
+    ) -> Result<(Vec<Value>, u64, Option<String>, Option<u64>), ApiError> {
         let prefix = res.ns_prefix(ns);
         loop {
-            let page = self.store.range(&prefix, cursor.as_deref(), Some(rev), limit * 2).map_err(store_err)?;
+            let page = self
+                .store
+                .range(&prefix, cursor.as_deref(), Some(rev), limit * 2)
+                .map_err(store_err)?;
             let mut more = page.more;
             for kv in &page.kvs {
                 cursor = Some(kv.key.clone());
@@ -798,7 +1025,8 @@ impl Api {
                     items.push(v);
                     if items.len() == limit {
                         more = more || page.kvs.last().map(|k| &k.key) != Some(&kv.key);
-                        let cont = more.then(|| format!("{rev}:{}", cursor.clone().unwrap_or_default()));
+                        let cont =
+                            more.then(|| format!("{rev}:{}", cursor.clone().unwrap_or_default()));
                         return Ok((items, rev, cont, None));
                     }
                 }
@@ -865,7 +1093,13 @@ fn strip_directives(v: &Value) -> Value {
 fn merge_key(path: &str, current: &[Value], patch: &[Value]) -> Option<String> {
     let last = path.rsplit('/').next().unwrap_or("");
     let key = match last {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env" | "volumeMounts" | "imagePullSecrets" => "name",
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "volumeMounts"
+        | "imagePullSecrets" => "name",
         "ports" if path.contains("containers") => "containerPort",
         "ports" => "port",
         "conditions" => "type",
@@ -884,7 +1118,9 @@ fn merge_list(current: &mut Vec<Value>, patch: &[Value], key: &str, path: &str) 
     for p in patch {
         let id = p.get(key).cloned();
         let delete = p.get("$patch").and_then(|x| x.as_str()) == Some("delete");
-        let pos = id.as_ref().and_then(|id| current.iter().position(|c| c.get(key) == Some(id)));
+        let pos = id
+            .as_ref()
+            .and_then(|id| current.iter().position(|c| c.get(key) == Some(id)));
         match (pos, delete) {
             (Some(i), true) => {
                 current.remove(i);
@@ -901,7 +1137,13 @@ fn params_flag(params: &Params, k: &str) -> bool {
 }
 
 /// Wraps objects in a list (or a Table) response.
-fn list_response(res: &Resource, headers: &HeaderMap, items: Vec<Value>, rev: u64, cont: Option<String>) -> Response {
+fn list_response(
+    res: &Resource,
+    headers: &HeaderMap,
+    items: Vec<Value>,
+    rev: u64,
+    cont: Option<String>,
+) -> Response {
     let accept = header_str(headers, header::ACCEPT);
     if table::wants_table(accept) {
         return json_response(StatusCode::OK, &table::table(res, &items, rev, cont));
@@ -919,8 +1161,14 @@ fn list_response(res: &Resource, headers: &HeaderMap, items: Vec<Value>, rev: u6
 fn object_response(res: &Resource, headers: &HeaderMap, code: StatusCode, obj: &Value) -> Response {
     let accept = header_str(headers, header::ACCEPT);
     if table::wants_table(accept) {
-        let rev: u64 = obj["metadata"]["resourceVersion"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0);
-        return json_response(code, &table::table(res, std::slice::from_ref(obj), rev, None));
+        let rev: u64 = obj["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        return json_response(
+            code,
+            &table::table(res, std::slice::from_ref(obj), rev, None),
+        );
     }
     json_response(code, obj)
 }
@@ -955,7 +1203,14 @@ pub async fn dispatch(
     }
 }
 
-async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, headers: &HeaderMap, body: &Bytes) -> Result<Response, ApiError> {
+async fn serve(
+    api: &Arc<Api>,
+    method: &Method,
+    uri: &Uri,
+    params: &Params,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
     let target = route(uri.path())?;
     match target {
         Target::Discovery(doc) => {
@@ -967,10 +1222,16 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
             if let Some(v) = discovery::wants_aggregated(accept)
                 && (path == "/api" || path == "/apis")
             {
-                let doc = discovery::aggregated(path == "/api", &format!("apidiscovery.k8s.io/{v}"));
+                let doc =
+                    discovery::aggregated(path == "/api", &format!("apidiscovery.k8s.io/{v}"));
                 return Ok((
                     StatusCode::OK,
-                    [(header::CONTENT_TYPE, format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"))],
+                    [(
+                        header::CONTENT_TYPE,
+                        format!(
+                            "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
+                        ),
+                    )],
                     doc.to_string(),
                 )
                     .into_response());
@@ -985,7 +1246,9 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                 return Err(ApiError::not_found("", "namespaces", ns));
             }
             match *method {
-                Method::GET if params_flag(params, "watch") => watch::serve(api.clone(), res, ns, params, headers).await,
+                Method::GET if params_flag(params, "watch") => {
+                    watch::serve(api.clone(), res, ns, params, headers).await
+                }
                 Method::GET => {
                     let (items, rev, cont, _) = api.list_items(res, ns.as_deref(), params)?;
                     Ok(list_response(res, headers, items, rev, cont))
@@ -999,7 +1262,10 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                     let (items, _, _, _) = api.list_items(res, ns.as_deref(), params)?;
                     let mut deleted = Vec::new();
                     for it in items {
-                        let name = it["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                        let name = it["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
                         let ons = it["metadata"]["namespace"].as_str().map(String::from);
                         if let Ok(d) = api.delete(res, ons.as_deref(), &name, params).await {
                             deleted.push(d);
@@ -1016,7 +1282,11 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                 && !res.has_subresource(s)
                 && !(res.kind == "Namespace" && s == "finalize")
             {
-                return Err(ApiError::new(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"));
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
             }
             let ns = ns.as_deref();
             match (method.clone(), sub.as_deref()) {
@@ -1030,7 +1300,8 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                     if *method == Method::PUT {
                         scale = parse_body(headers, body)?;
                     } else {
-                        let p: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                        let p: Value = serde_json::from_slice(body)
+                            .map_err(|e| ApiError::bad_request(e.to_string()))?;
                         json_patch::merge(&mut scale, &p);
                     }
                     let replicas = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
@@ -1040,17 +1311,37 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                 }
                 (Method::POST, Some("binding")) => {
                     let b = parse_body(headers, body)?;
-                    let node = b.pointer("/target/name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+                    let node = b
+                        .pointer("/target/name")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or("")
+                        .to_string();
                     if node.is_empty() {
-                        return Err(ApiError::invalid("Binding", "", &name, vec![("target.name".into(), "FieldValueRequired".into(), "Required value".into())]));
+                        return Err(ApiError::invalid(
+                            "Binding",
+                            "",
+                            &name,
+                            vec![(
+                                "target.name".into(),
+                                "FieldValueRequired".into(),
+                                "Required value".into(),
+                            )],
+                        ));
                     }
                     let mut pod = api.get_obj(res, ns, &name).await?;
-                    if pod.pointer("/spec/nodeName").and_then(|n| n.as_str()).is_some_and(|n| !n.is_empty()) {
+                    if pod
+                        .pointer("/spec/nodeName")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| !n.is_empty())
+                    {
                         return Err(ApiError::conflict(res.group, res.plural, &name));
                     }
                     pod["spec"]["nodeName"] = json!(node);
                     api.put(res, ns, &name, pod, None, params).await?;
-                    Ok(json_response(StatusCode::CREATED, &status::success(json!({"name": name, "kind": "pods"}))))
+                    Ok(json_response(
+                        StatusCode::CREATED,
+                        &status::success(json!({"name": name, "kind": "pods"})),
+                    ))
                 }
                 (Method::GET, _) => {
                     let obj = api.get_obj(res, ns, &name).await?;
@@ -1058,13 +1349,19 @@ async fn serve(api: &Arc<Api>, method: &Method, uri: &Uri, params: &Params, head
                 }
                 (Method::PUT, s) => {
                     let obj = parse_body(headers, body)?;
-                    let updated = api.put(res, ns, &name, obj, s.filter(|s| *s != "finalize"), params).await?;
+                    let updated = api
+                        .put(res, ns, &name, obj, s.filter(|s| *s != "finalize"), params)
+                        .await?;
                     Ok(object_response(res, headers, StatusCode::OK, &updated))
                 }
                 (Method::PATCH, s) => {
                     let created_before = api.get_obj(res, ns, &name).await.is_ok();
                     let updated = api.patch(res, ns, &name, s, headers, body, params).await?;
-                    let code = if created_before { StatusCode::OK } else { StatusCode::CREATED };
+                    let code = if created_before {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::CREATED
+                    };
                     Ok(object_response(res, headers, code, &updated))
                 }
                 (Method::DELETE, None) => {
@@ -1083,7 +1380,9 @@ pub const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
 /// The response body of a watch: newline-separated JSON events.
 pub fn stream_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
     });
     Body::from_stream(stream)
 }
@@ -1094,13 +1393,30 @@ mod tests {
 
     #[test]
     fn paths_name_resources() {
-        assert!(matches!(route("/api/v1/namespaces/default/services").unwrap(), Target::Collection { res, ns: Some(n) } if res.kind == "Service" && n == "default"));
-        assert!(matches!(route("/api/v1/namespaces/kube-system").unwrap(), Target::Object { res, name, .. } if res.kind == "Namespace" && name == "kube-system"));
-        assert!(matches!(route("/api/v1/nodes/n1/status").unwrap(), Target::Object { sub: Some(s), .. } if s == "status"));
-        assert!(matches!(route("/apis/discovery.k8s.io/v1/endpointslices").unwrap(), Target::Collection { ns: None, .. }));
-        assert!(matches!(route("/apis/apps/v1/namespaces/x/deployments/d/scale").unwrap(), Target::Object { sub: Some(s), .. } if s == "scale"));
-        assert!(route("/api/v1/services/x").is_err(), "namespaced objects need a namespace");
-        assert!(route("/api/v1/namespaces/x/nodes").is_err(), "nodes are cluster-scoped");
+        assert!(
+            matches!(route("/api/v1/namespaces/default/services").unwrap(), Target::Collection { res, ns: Some(n) } if res.kind == "Service" && n == "default")
+        );
+        assert!(
+            matches!(route("/api/v1/namespaces/kube-system").unwrap(), Target::Object { res, name, .. } if res.kind == "Namespace" && name == "kube-system")
+        );
+        assert!(
+            matches!(route("/api/v1/nodes/n1/status").unwrap(), Target::Object { sub: Some(s), .. } if s == "status")
+        );
+        assert!(matches!(
+            route("/apis/discovery.k8s.io/v1/endpointslices").unwrap(),
+            Target::Collection { ns: None, .. }
+        ));
+        assert!(
+            matches!(route("/apis/apps/v1/namespaces/x/deployments/d/scale").unwrap(), Target::Object { sub: Some(s), .. } if s == "scale")
+        );
+        assert!(
+            route("/api/v1/services/x").is_err(),
+            "namespaced objects need a namespace"
+        );
+        assert!(
+            route("/api/v1/namespaces/x/nodes").is_err(),
+            "nodes are cluster-scoped"
+        );
         assert!(route("/apis/nope/v1/things").is_err());
         assert!(matches!(route("/apis").unwrap(), Target::Discovery(_)));
     }
@@ -1114,7 +1430,13 @@ mod tests {
         strategic_merge(&mut doc, &patch, "");
         assert_eq!(doc["spec"]["containers"].as_array().unwrap().len(), 1);
         assert_eq!(doc["spec"]["containers"][0]["image"], json!("x2"));
-        assert_eq!(doc["spec"]["containers"][0]["env"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            doc["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(doc["spec"]["ports"].as_array().unwrap().len(), 2);
         assert_eq!(doc["metadata"]["labels"], json!({"a": "1", "c": "3"}));
     }

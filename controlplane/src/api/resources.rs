@@ -154,7 +154,13 @@ fn endpoints_of_slice(v: &Value) -> Value {
         .and_then(|x| x.as_array())
         .into_iter()
         .flatten()
-        .filter_map(|e| e.get("addresses")?.as_array()?.first()?.as_str().map(String::from))
+        .filter_map(|e| {
+            e.get("addresses")?
+                .as_array()?
+                .first()?
+                .as_str()
+                .map(String::from)
+        })
         .collect();
     join(addrs)
 }
@@ -165,7 +171,11 @@ fn slice_ports(v: &Value) -> Value {
             .and_then(|x| x.as_array())
             .into_iter()
             .flatten()
-            .filter_map(|p| p.get("port").and_then(|x| x.as_i64()).map(|p| p.to_string()))
+            .filter_map(|p| {
+                p.get("port")
+                    .and_then(|x| x.as_i64())
+                    .map(|p| p.to_string())
+            })
             .collect(),
     )
 }
@@ -216,7 +226,10 @@ fn pod_restarts(v: &Value) -> Value {
 }
 
 fn replicas_ready(v: &Value) -> Value {
-    let want = v.pointer("/spec/replicas").and_then(|x| x.as_i64()).unwrap_or(1);
+    let want = v
+        .pointer("/spec/replicas")
+        .and_then(|x| x.as_i64())
+        .unwrap_or(1);
     let ready = v
         .pointer("/status/readyReplicas")
         .and_then(|x| x.as_i64())
@@ -229,7 +242,11 @@ fn num(v: &Value, path: &str) -> Value {
 }
 
 fn data_count(v: &Value) -> Value {
-    json!(v.get("data").and_then(|d| d.as_object()).map_or(0, |d| d.len()))
+    json!(
+        v.get("data")
+            .and_then(|d| d.as_object())
+            .map_or(0, |d| d.len())
+    )
 }
 
 macro_rules! col {
@@ -269,7 +286,10 @@ pub static RESOURCES: &[Resource] = &[
         categories: &[],
         columns: &[
             col!("Status", "string", 0, node_status),
-            col!("Version", "string", 0, |v| s(v, &["status", "nodeInfo", "kubeletVersion"])),
+            col!("Version", "string", 0, |v| s(
+                v,
+                &["status", "nodeInfo", "kubeletVersion"]
+            )),
             col!("Internal-IP", "string", 1, |v| {
                 v.pointer("/status/addresses")
                     .and_then(|a| a.as_array())
@@ -447,7 +467,10 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &[],
         subresources: &[],
         categories: &[],
-        columns: &[col!("Holder", "string", 0, |v| s(v, &["spec", "holderIdentity"]))],
+        columns: &[col!("Holder", "string", 0, |v| s(
+            v,
+            &["spec", "holderIdentity"]
+        ))],
     },
     Resource {
         group: "apps",
@@ -461,8 +484,14 @@ pub static RESOURCES: &[Resource] = &[
         categories: &["all"],
         columns: &[
             col!("Ready", "string", 0, replicas_ready),
-            col!("Up-to-date", "integer", 0, |v| num(v, "/status/updatedReplicas")),
-            col!("Available", "integer", 0, |v| num(v, "/status/availableReplicas")),
+            col!("Up-to-date", "integer", 0, |v| num(
+                v,
+                "/status/updatedReplicas"
+            )),
+            col!("Available", "integer", 0, |v| num(
+                v,
+                "/status/availableReplicas"
+            )),
         ],
     },
     Resource {
@@ -492,8 +521,14 @@ pub static RESOURCES: &[Resource] = &[
         subresources: &["status"],
         categories: &["all"],
         columns: &[
-            col!("Desired", "integer", 0, |v| num(v, "/status/desiredNumberScheduled")),
-            col!("Current", "integer", 0, |v| num(v, "/status/currentNumberScheduled")),
+            col!("Desired", "integer", 0, |v| num(
+                v,
+                "/status/desiredNumberScheduled"
+            )),
+            col!("Current", "integer", 0, |v| num(
+                v,
+                "/status/currentNumberScheduled"
+            )),
             col!("Ready", "integer", 0, |v| num(v, "/status/numberReady")),
         ],
     },
@@ -524,7 +559,10 @@ mod tests {
     #[test]
     fn every_resource_is_unique_and_findable() {
         for r in RESOURCES {
-            assert_eq!(find(r.group, r.version, r.plural).map(|x| x.kind), Some(r.kind));
+            assert_eq!(
+                find(r.group, r.version, r.plural).map(|x| x.kind),
+                Some(r.kind)
+            );
             assert_eq!(
                 RESOURCES.iter().filter(|x| x.kind == r.kind).count(),
                 1,

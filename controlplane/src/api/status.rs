@@ -48,7 +48,10 @@ impl ApiError {
         ApiError::new(
             StatusCode::CONFLICT,
             "AlreadyExists",
-            format!("{} \"{name}\" already exists", Self::qualified(group, plural)),
+            format!(
+                "{} \"{name}\" already exists",
+                Self::qualified(group, plural)
+            ),
         )
         .with_details(json!({"name": name, "group": group, "kind": plural}))
     }
@@ -70,7 +73,12 @@ impl ApiError {
     }
 
     /// 422 with one cause per invalid field, as kube-apiserver's validation reports.
-    pub fn invalid(kind: &str, group: &str, name: &str, causes: Vec<(String, String, String)>) -> Self {
+    pub fn invalid(
+        kind: &str,
+        group: &str,
+        name: &str,
+        causes: Vec<(String, String, String)>,
+    ) -> Self {
         let summary: Vec<String> = causes
             .iter()
             .map(|(field, _, msg)| format!("{field}: {msg}"))
@@ -113,7 +121,9 @@ impl ApiError {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {ct:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {ct:?})"
+            ),
         )
     }
 

@@ -39,13 +39,17 @@ fn age(obj: &Value) -> Value {
         .and_then(|t| t.as_str())
         .and_then(|t| humantime::parse_rfc3339(t).ok());
     match created {
-        Some(t) => json!(human_age(SystemTime::now().duration_since(t).unwrap_or_default())),
+        Some(t) => json!(human_age(
+            SystemTime::now().duration_since(t).unwrap_or_default()
+        )),
         None => json!("<unknown>"),
     }
 }
 
 pub fn columns(res: &Resource) -> Vec<Value> {
-    let mut cols = vec![json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0})];
+    let mut cols = vec![
+        json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}),
+    ];
     for c in res.columns {
         cols.push(json!({"name": c.name, "type": c.kind, "format": "", "description": c.description, "priority": c.priority}));
     }
@@ -54,7 +58,11 @@ pub fn columns(res: &Resource) -> Vec<Value> {
 }
 
 pub fn row(res: &Resource, obj: &Value) -> Value {
-    let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+    let mut cells = vec![
+        obj.pointer("/metadata/name")
+            .cloned()
+            .unwrap_or(Value::Null),
+    ];
     for c in res.columns {
         cells.push((c.cell)(obj));
     }
@@ -89,7 +97,9 @@ mod tests {
         assert_eq!(human_age(Duration::from_secs(303)), "5m3s");
         assert_eq!(human_age(Duration::from_secs(3600 * 3)), "3h0m");
         assert_eq!(human_age(Duration::from_secs(86400 * 2 + 3600)), "2d1h");
-        assert!(wants_table("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"));
+        assert!(wants_table(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+        ));
         assert!(!wants_table("application/json"));
     }
 }

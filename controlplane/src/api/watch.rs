@@ -27,14 +27,29 @@ pub async fn serve(
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let labels = meta::LabelSelector::parse(params.get("labelSelector").map(String::as_str).unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
-    let fields = meta::FieldSelector::parse(params.get("fieldSelector").map(String::as_str).unwrap_or(""), res.kind)
-        .map_err(ApiError::bad_request)?;
+    let labels = meta::LabelSelector::parse(
+        params
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or(""),
+    )
+    .map_err(ApiError::bad_request)?;
+    let fields = meta::FieldSelector::parse(
+        params
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or(""),
+        res.kind,
+    )
+    .map_err(ApiError::bad_request)?;
     let matches = move |v: &Value| labels.matches(v) && fields.matches(v);
     let as_table = table::wants_table(header_str(headers, header::ACCEPT));
-    let bookmarks = params.get("allowWatchBookmarks").is_some_and(|v| v == "true" || v == "1");
-    let send_initial = params.get("sendInitialEvents").is_some_and(|v| v == "true" || v == "1");
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
+    let send_initial = params
+        .get("sendInitialEvents")
+        .is_some_and(|v| v == "true" || v == "1");
     let timeout = params
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
@@ -87,7 +102,10 @@ pub async fn serve(
             if end {
                 m["annotations"] = json!({"k8s.io/initial-events-end": "true"});
             }
-            line("BOOKMARK", json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": m}))
+            line(
+                "BOOKMARK",
+                json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": m}),
+            )
         };
         if send_initial && bookmarks && tx.send(bookmark(after, true)).await.is_err() {
             return;

@@ -46,7 +46,9 @@ impl Watch {
         }
         loop {
             match self.live.recv().await {
-                Ok(e) if e.revision <= self.replayed_until || !e.kv.key.starts_with(&self.prefix) => {
+                Ok(e)
+                    if e.revision <= self.replayed_until || !e.kv.key.starts_with(&self.prefix) =>
+                {
                     continue;
                 }
                 Ok(e) => {
@@ -366,7 +368,10 @@ mod tests {
             let s = Embedded::open(&dir).unwrap();
             s.write(put("/r/a", "1"), Expect::Absent).await.unwrap();
             s.write(put("/r/b", "2"), Expect::Absent).await.unwrap();
-            let e = s.write(put("/r/a", "3"), Expect::ModRevision(1)).await.unwrap();
+            let e = s
+                .write(put("/r/a", "3"), Expect::ModRevision(1))
+                .await
+                .unwrap();
             assert_eq!(e.revision, 3);
             assert!(matches!(
                 s.write(put("/r/a", "4"), Expect::ModRevision(1)).await,

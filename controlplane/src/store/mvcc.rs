@@ -395,7 +395,12 @@ mod tests {
             Err(Error::Conflict(None))
         ));
         assert!(matches!(
-            m.write(Write::Delete { key: "missing".into() }, Expect::Any),
+            m.write(
+                Write::Delete {
+                    key: "missing".into()
+                },
+                Expect::Any
+            ),
             Err(Error::Conflict(None))
         ));
         assert_eq!(m.revision(), 1, "failed writes take no revision");
@@ -457,6 +462,9 @@ mod tests {
         let r = Mvcc::restore(m.revision(), m.live().cloned().collect());
         assert_eq!(r.revision(), 2);
         assert_eq!(r.get("/b").unwrap().mod_revision, 2);
-        assert!(matches!(r.events_after("", 1), Err(Error::Compacted { .. })));
+        assert!(matches!(
+            r.events_after("", 1),
+            Err(Error::Compacted { .. })
+        ));
     }
 }

@@ -275,7 +275,11 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_a_torn_tail_is_dropped() {
-        let recs = vec![rec(1, "/a", Some("x")), rec(2, "/b", Some("")), rec(3, "/a", None)];
+        let recs = vec![
+            rec(1, "/a", Some("x")),
+            rec(2, "/b", Some("")),
+            rec(3, "/a", None),
+        ];
         let mut buf = Vec::new();
         for r in &recs {
             encode(r, &mut buf);
