@@ -268,7 +268,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let max = counts.iter().copied().max().unwrap_or(1).max(10_000);
     let map_size = ((max + 1) * (ENDPOINTS_PER_SERVICE + 1) + 1024) as u32;
-    let mut cmd = crate::agent_command(&topo, &dir)?;
+    let mut cmd = crate::agent_command(&topo, crate::AgentSource::Manifests(&dir))?;
     cmd.arg("--bpf-lb-service-map-max")
         .arg(map_size.to_string());
     cmd.arg("--bpf-lb-backend-map-max")

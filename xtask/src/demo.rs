@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: capstan-proxy standalone, a dual-stack ClusterIP over two backends
-//! in network namespaces, and a Service without endpoints refused at once.
+//! `cargo xtask demo`: capstan-server (embedded store) and capstan-proxy watching it; kubectl
+//! applies a dual-stack Service over two backends in network namespaces, which answers on
+//! its ClusterIPs, and a Service without endpoints is refused at once.
 use std::path::Path;
 use std::time::Duration;
 
@@ -7,6 +8,10 @@ use anyhow::{Result, ensure};
 use capstan_tests::{Topology, require_root};
 
 const MANIFEST: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: demo}
 spec:
@@ -72,20 +77,45 @@ pub fn run(root: &Path) -> Result<()> {
     let _ea = topo.spawn_echo(a.netns(), false, "backend-a", &tcp, &udp)?;
     let _eb = topo.spawn_echo(b.netns(), false, "backend-b", &tcp, &udp)?;
 
-    let dir = topo.scratch_dir().join("manifests");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("demo.yaml"), MANIFEST)?;
-    let mut cmd = crate::agent_command(&topo, &dir)?;
+    // capstan-server, with its embedded store, in the node's namespace.
+    let data = topo.scratch_dir().join("capstan-server");
+    let kubeconfig = data.join("admin.kubeconfig");
     println!(
-        "$ capstan-proxy --manifests {} --bpffs-dir {} --cgroup-path {}",
-        dir.display(),
+        "$ capstan-server --data-dir {} --bind-address 127.0.0.1",
+        data.display()
+    );
+    let mut server_cmd = std::process::Command::new(capstan_tests::bin_path("capstan-server")?);
+    server_cmd
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--bind-address", "127.0.0.1", "--secure-port", "6443"])
+        .args(["--service-cluster-ip-range", "10.96.0.0/16,fd00:96::/108"]);
+    let server = topo.spawn(node.netns(), false, &mut server_cmd)?;
+    crate::wait_for_log(&server, "capstan-server serving", Duration::from_secs(30))?;
+    let kubectl = |args: &str| -> Result<String> {
+        topo.sh(
+            node.netns(),
+            &format!("KUBECONFIG={} kubectl {args}", kubeconfig.display()),
+        )
+    };
+    let file = topo.scratch_dir().join("demo.yaml");
+    std::fs::write(&file, MANIFEST)?;
+    println!("$ kubectl apply -f demo.yaml");
+    print!("{}", kubectl(&format!("apply -f {}", file.display()))?);
+
+    let mut cmd = crate::agent_command(&topo, crate::AgentSource::Kubeconfig(&kubeconfig))?;
+    println!(
+        "$ capstan-proxy --kubeconfig {} --bpffs-dir {} --cgroup-path {}",
+        kubeconfig.display(),
         topo.bpffs_dir().display(),
         topo.cgroup_path().display()
     );
     let agent = topo.spawn(node.netns(), false, &mut cmd)?;
-    crate::wait_for_log(&agent, "synced", Duration::from_secs(20))?;
+    crate::wait_for_log(&agent, "synced", Duration::from_secs(30))?;
+    println!("$ kubectl get services,endpointslices -n demo");
+    print!("{}", kubectl("get services,endpointslices -n demo")?);
     println!(
-        "capstan-proxy is running; Service demo/web has ClusterIPs 10.96.0.10 and fd00:96::10\n"
+        "\ncapstan-proxy is running; Service demo/web has ClusterIPs 10.96.0.10 and fd00:96::10\n"
     );
 
     let probe = topo.probe(client.netns(), true)?;
@@ -131,6 +161,12 @@ pub fn run(root: &Path) -> Result<()> {
     );
     let health = topo.sh(node.netns(), "curl -s http://127.0.0.1:10256/healthz")?;
     println!("healthz: {health}");
+    println!(
+        "\nkubectl reaches capstan-server from the node's namespace with:\n  KUBECONFIG={} nsenter --net=/run/netns/{} kubectl get svc -A",
+        kubeconfig.display(),
+        node.netns()
+    );
     println!("\nDemo done; tearing the namespaces down.");
+    drop(server);
     Ok(())
 }

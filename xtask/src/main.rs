@@ -71,14 +71,19 @@ pub fn wait_for_log(
 
 /// capstan-proxy standalone on a topology's node `node1`: its manifests, cgroup and bpffs
 /// directory, health and metrics inside the node's namespace.
-pub fn agent_command(
-    topo: &capstan_tests::Topology,
-    manifests: &std::path::Path,
-) -> Result<Command> {
+/// Where the agent reads Services from.
+pub enum AgentSource<'a> {
+    Manifests(&'a std::path::Path),
+    Kubeconfig(&'a std::path::Path),
+}
+
+pub fn agent_command(topo: &capstan_tests::Topology, source: AgentSource<'_>) -> Result<Command> {
     let mut cmd = Command::new(capstan_tests::bin_path("capstan-proxy")?);
-    cmd.arg("--manifests")
-        .arg(manifests)
-        .arg("--bpffs-dir")
+    match source {
+        AgentSource::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+        AgentSource::Kubeconfig(path) => cmd.arg("--kubeconfig").arg(path),
+    };
+    cmd.arg("--bpffs-dir")
         .arg(topo.bpffs_dir())
         .arg("--cgroup-path")
         .arg(topo.cgroup_path())

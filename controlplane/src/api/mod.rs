@@ -6,6 +6,7 @@ pub mod admission;
 pub mod discovery;
 pub mod meta;
 pub mod resources;
+pub mod schema;
 pub mod status;
 mod table;
 mod watch;
@@ -304,6 +305,30 @@ fn check_object(res: &Resource, v: &mut Value, name: &str) -> Result<(), ApiErro
     }
 }
 
+/// Decodes the object against its schema: a value of the wrong type is a 400; unknown
+/// fields are a 400 under `fieldValidation=Strict` and dropped otherwise (as
+/// kube-apiserver's decoder does).
+fn check_schema(res: &Resource, obj: &mut Value, params: &Params) -> Result<(), ApiError> {
+    let (typed, unknown) = schema::decode(res.kind, obj).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {e}",
+            res.kind, res.version, res.kind
+        ))
+    })?;
+    if !unknown.is_empty() && params.get("fieldValidation").is_some_and(|v| v == "Strict") {
+        let fields: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field \"{}\"", f.trim_start_matches('.')))
+            .collect();
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            fields.join(", ")
+        )));
+    }
+    *obj = typed;
+    Ok(())
+}
+
 fn has_status(res: &Resource) -> bool {
     res.has_subresource("status")
 }
@@ -521,6 +546,7 @@ impl Api {
         };
         obj["metadata"]["name"] = json!(name);
         check_object(res, &mut obj, &name)?;
+        check_schema(res, &mut obj, params)?;
         {
             let m = &mut obj["metadata"];
             m["uid"] = json!(uuid::Uuid::new_v4().to_string());
@@ -615,6 +641,7 @@ impl Api {
             }
         }
         check_object(res, &mut obj, name)?;
+        check_schema(res, &mut obj, params)?;
         let key = res.key(ns, name);
         let current = self.store.get(&key).map_err(store_err)?;
         let Some(current) = current else {
