@@ -747,3 +747,33 @@ fn unreachable_api_server_keeps_the_last_state() -> Result<()> {
         .with_context(|| agent.log())?;
     Ok(())
 }
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces): state is field 3,
+    // utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// An agent with nothing to do does nothing: re-reading the manifest directory must not
+/// wake it up again (reading a directory raises inotify access events of its own).
+#[test]
+fn an_idle_agent_stays_idle() -> Result<()> {
+    let fx = ProxyFixture::new()?;
+    fx.write("web.yaml", &fx.web_service("web", "10.96.9.10", "fd00:96::9:10", &[0]))?;
+    fx.wait_backends("tcp", sa(ip("10.96.9.10"), 80), &["b0"])?;
+    let pid = fx.agent().pid();
+    let before = cpu_ticks(pid)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid)? - before;
+    // 100 ticks per second: a busy loop would use ~300; the periodic work a few.
+    ensure!(
+        used < 30,
+        "the idle agent used {used} ticks of CPU in 3 s\n{}",
+        fx.agent_log()
+    );
+    fx.ensure_agent_alive()
+}

@@ -383,7 +383,11 @@ pub async fn run(dir: PathBuf, tx: Sender) -> anyhow::Result<()> {
     let mut md = ManifestDir::new(&dir);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Only changes count: reading the directory raises access events (open, close
+        // without writing) of its own, and reacting to those would re-read forever.
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
             let _ = ev_tx.send(());
         }
     })?;
