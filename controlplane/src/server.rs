@@ -160,6 +160,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     api.bootstrap(advertise, opts.bind.port())
         .await
         .context("bootstrapping")?;
+    // The system namespaces and the `kubernetes` Service come back when deleted, as
+    // kube-apiserver's bootstrap controller brings them back.
+    {
+        let (api, port) = (api.clone(), opts.bind.port());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = api.bootstrap(advertise, port).await {
+                    warn!(error = %e, "cannot restore the system objects");
+                }
+            }
+        });
+    }
 
     let mut names = vec![
         "localhost".to_string(),

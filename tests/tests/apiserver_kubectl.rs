@@ -759,8 +759,6 @@ fn kubectl_label_annotate_and_patch() -> Result<()> {
 /// The API server does not write (nor bump resourceVersion) for a patch that changes
 /// nothing, so kubectl reports "(no change)".
 #[test]
-#[ignore = "capstan-server: a no-op patch still writes a new resourceVersion (kubectl prints \
-            'patched' instead of 'patched (no change)')"]
 fn kubectl_noop_patch_reports_no_change() -> Result<()> {
     let k = Cluster::start()?;
     let f = k.file("web.yaml", WEB_YAML)?;
@@ -1049,8 +1047,6 @@ fn kubectl_apply_and_scale_a_deployment() -> Result<()> {
 /// `kubectl get deploy -o wide` shows CONTAINERS, IMAGES and SELECTOR, like kube-apiserver's
 /// Table for Deployments.
 #[test]
-#[ignore = "capstan-server: the Deployment Table has no priority-1 columns \
-            (CONTAINERS, IMAGES, SELECTOR) for -o wide"]
 fn kubectl_get_deployment_wide_shows_containers_images_selector() -> Result<()> {
     let k = Cluster::start()?;
     let f = k.file("deploy.yaml", DEPLOY_YAML)?;
@@ -1664,8 +1660,6 @@ fn kubectl_objects_survive_a_kill9_restart() -> Result<()> {
 /// With a dual-stack --service-cluster-ip-range, `ipFamilyPolicy: RequireDualStack` gets a
 /// cluster IP of each family.
 #[test]
-#[ignore = "capstan-server: ipFamilyPolicy RequireDualStack/PreferDualStack allocates only \
-            an IPv4 cluster IP (clusterIPs has one entry, ipFamilies [IPv4])"]
 fn kubectl_dual_stack_service_gets_both_families() -> Result<()> {
     let k = Cluster::start()?;
     for policy in ["RequireDualStack", "PreferDualStack"] {

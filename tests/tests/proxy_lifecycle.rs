@@ -763,7 +763,10 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 #[test]
 fn an_idle_agent_stays_idle() -> Result<()> {
     let fx = ProxyFixture::new()?;
-    fx.write("web.yaml", &fx.web_service("web", "10.96.9.10", "fd00:96::9:10", &[0]))?;
+    fx.write(
+        "web.yaml",
+        &fx.web_service("web", "10.96.9.10", "fd00:96::9:10", &[0]),
+    )?;
     fx.wait_backends("tcp", sa(ip("10.96.9.10"), 80), &["b0"])?;
     let pid = fx.agent().pid();
     let before = cpu_ticks(pid)?;

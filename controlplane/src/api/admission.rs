@@ -284,17 +284,57 @@ pub fn admit_service(
             ));
         }
         if ips.is_empty() {
-            let v6 = svc.pointer("/spec/ipFamilies/0").and_then(|v| v.as_str()) == Some("IPv6");
-            match alloc.next_ip(v6) {
-                Some(ip) => {
-                    new_ips.push(ip);
-                    ips.push(ip.to_string());
+            // The families asked for (ipFamilies, else the cluster's primary), plus the
+            // other one when the policy asks for dual-stack and the cluster has it.
+            let policy = svc
+                .pointer("/spec/ipFamilyPolicy")
+                .and_then(|v| v.as_str())
+                .unwrap_or("SingleStack")
+                .to_string();
+            let mut fams: Vec<bool> = svc
+                .pointer("/spec/ipFamilies")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .map(|f| f == "IPv6")
+                .collect();
+            if fams.is_empty() {
+                fams.push(matches!(alloc.ranges.first(), Some(IpNet::V6(_))));
+            }
+            if policy != "SingleStack" && fams.len() == 1 && alloc.range_for(!fams[0]).is_some() {
+                fams.push(!fams[0]);
+            }
+            if policy == "SingleStack" {
+                fams.truncate(1);
+            }
+            if policy == "RequireDualStack" && alloc.ranges.len() < 2 {
+                errs.push(invalid(
+                    "spec.ipFamilyPolicy",
+                    &json!(policy),
+                    "this cluster is not configured for dual-stack services",
+                ));
+            }
+            for v6 in fams {
+                if alloc.range_for(v6).is_none() {
+                    errs.push(invalid(
+                        "spec.ipFamilies",
+                        &json!(if v6 { "IPv6" } else { "IPv4" }),
+                        "not configured on this cluster",
+                    ));
+                    continue;
                 }
-                None => errs.push(cause(
-                    "spec.clusterIPs",
-                    "FieldValueInvalid",
-                    "Internal error: failed to allocate a serviceIP: range is full",
-                )),
+                match alloc.next_ip(v6).filter(|ip| !new_ips.contains(ip)) {
+                    Some(ip) => {
+                        new_ips.push(ip);
+                        ips.push(ip.to_string());
+                    }
+                    None => errs.push(cause(
+                        "spec.clusterIPs",
+                        "FieldValueInvalid",
+                        "Internal error: failed to allocate a serviceIP: range is full",
+                    )),
+                }
             }
         } else if old_ips.is_empty() {
             for (i, s) in ips.iter().enumerate() {
@@ -323,7 +363,9 @@ pub fn admit_service(
             .map(|s| if s.contains(':') { "IPv6" } else { "IPv4" })
             .collect();
         spec["ipFamilies"] = json!(fams);
-        if spec.get("ipFamilyPolicy").is_none() {
+        if spec.get("ipFamilyPolicy").is_none()
+            || (fams.len() > 1 && spec["ipFamilyPolicy"] == "SingleStack")
+        {
             spec["ipFamilyPolicy"] = json!(if fams.len() > 1 {
                 "RequireDualStack"
             } else {
@@ -554,5 +596,33 @@ mod tests {
         assert!(validate_endpoint_slice(&ok).is_empty());
         let bad = json!({"addressType": "IPv4", "endpoints": [{"addresses": ["fd00::1"]}], "ports": [{"port": 0}]});
         assert_eq!(validate_endpoint_slice(&bad).len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod dual_stack_tests {
+    use super::*;
+
+    #[test]
+    fn dual_stack_policies_allocate_both_families() {
+        let mut a = Allocator::new(
+            vec![
+                "10.96.0.0/24".parse().unwrap(),
+                "fd00:96::/120".parse().unwrap(),
+            ],
+            (30000, 30100),
+        );
+        let mut svc =
+            json!({"spec": {"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}});
+        admit_service(&mut svc, None, &mut a).unwrap();
+        assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(svc["spec"]["clusterIPs"].as_array().unwrap().len(), 2);
+        let mut v6 = json!({"spec": {"ipFamilies": ["IPv6"], "ports": [{"port": 80}]}});
+        admit_service(&mut v6, None, &mut a).unwrap();
+        assert_eq!(v6["spec"]["ipFamilies"], json!(["IPv6"]));
+        let mut single = Allocator::new(vec!["10.96.0.0/24".parse().unwrap()], (30000, 30100));
+        let mut req =
+            json!({"spec": {"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}});
+        assert!(admit_service(&mut req, None, &mut single).is_err());
     }
 }

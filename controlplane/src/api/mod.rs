@@ -731,6 +731,12 @@ impl Api {
                 Err(e) => Err(store_err(e)),
             };
         }
+        // Nothing changed: no write, no new resourceVersion (kubectl then says "no change").
+        let mut same = obj.clone();
+        same["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if same == old {
+            return Ok(old);
+        }
         let value = encode(&obj)?;
         match self.store.write(Write::Put { key, value }, expect).await {
             Ok(ev) => {

@@ -241,6 +241,28 @@ fn num(v: &Value, path: &str) -> Value {
     json!(v.pointer(path).and_then(|x| x.as_i64()).unwrap_or(0))
 }
 
+fn containers(v: &Value, field: &str) -> Value {
+    join(
+        v.pointer("/spec/template/spec/containers")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get(field).and_then(|x| x.as_str()).map(String::from))
+            .collect(),
+    )
+}
+
+fn selector(v: &Value) -> Value {
+    join(
+        v.pointer("/spec/selector/matchLabels")
+            .and_then(|m| m.as_object())
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect(),
+    )
+}
+
 fn data_count(v: &Value) -> Value {
     json!(
         v.get("data")
@@ -492,6 +514,9 @@ pub static RESOURCES: &[Resource] = &[
                 v,
                 "/status/availableReplicas"
             )),
+            col!("Containers", "string", 1, |v| containers(v, "name")),
+            col!("Images", "string", 1, |v| containers(v, "image")),
+            col!("Selector", "string", 1, selector),
         ],
     },
     Resource {

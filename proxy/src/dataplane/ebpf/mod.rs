@@ -334,11 +334,15 @@ impl EbpfDataplane {
         let mut failed: HashSet<usize> = HashSet::new();
         let mut undo: Vec<Vec<Op>> = vec![Vec::new(); plans.len()];
         // Grow the mirror once, not by doubling while 100,000s of entries go in.
-        let (slots, backends) = stages.iter().flat_map(|s| s.iter()).fold((0, 0), |(s, b), (_, op)| match op {
-            Op::PutSlot(..) => (s + 1, b),
-            Op::PutBackend(..) => (s, b + 1),
-            _ => (s, b),
-        });
+        let (slots, backends) =
+            stages
+                .iter()
+                .flat_map(|s| s.iter())
+                .fold((0, 0), |(s, b), (_, op)| match op {
+                    Op::PutSlot(..) => (s + 1, b),
+                    Op::PutBackend(..) => (s, b + 1),
+                    _ => (s, b),
+                });
         self.mirror.services.reserve(slots);
         self.mirror.backends.reserve(backends);
         for stage in stages {
