@@ -37,6 +37,10 @@ struct Flags {
     /// Extra names and addresses for the serving certificate.
     #[arg(long, value_delimiter = ',')]
     tls_san: Vec<String>,
+    /// etcd client URLs (http://host:2379, comma-separated); without it the embedded store
+    /// in DATA_DIR/store is used.
+    #[arg(long, value_delimiter = ',')]
+    etcd_servers: Vec<String>,
     /// Log verbosity (0-2 info, 4 debug, 6 trace).
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     verbosity: u8,
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         node_ports,
         anonymous: flags.anonymous_auth,
         extra_sans: flags.tls_san,
+        etcd_servers: (!flags.etcd_servers.is_empty()).then_some(flags.etcd_servers),
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::api::{self, Api, admission::Allocator, status::ApiError};
 use crate::auth::{self, Tokens};
 use crate::pki::Pki;
-use crate::store::{self, Embedded};
+use crate::store::{self, Embedded, Store};
 
 /// What capstan-server is started with.
 #[derive(Clone, Debug)]
@@ -33,6 +33,8 @@ pub struct Options {
     /// Where the admin kubeconfig is written.
     pub kubeconfig_out: PathBuf,
     pub extra_sans: Vec<String>,
+    /// etcd client URLs (`--etcd-servers`); the embedded store when `None`.
+    pub etcd_servers: Option<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -144,8 +146,18 @@ fn hostname() -> Option<String> {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let store =
-        Arc::new(Embedded::open(&opts.data_dir.join("store")).context("opening the store")?);
+    let store = Arc::new(match &opts.etcd_servers {
+        Some(servers) => {
+            let etcd = store::etcd::Etcd::connect(servers.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to etcd {servers:?}: {e}"))?;
+            info!(servers = ?servers, "using etcd");
+            Store::Etcd(etcd)
+        }
+        None => Store::Embedded(
+            Embedded::open(&opts.data_dir.join("store")).context("opening the store")?,
+        ),
+    });
     tokio::spawn(store::compact_periodically(
         store.clone(),
         Duration::from_secs(300),

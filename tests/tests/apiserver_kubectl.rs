@@ -102,23 +102,67 @@ fn service_yaml(name: &str, spec_extra: &str, port: u32, port_extra: &str) -> St
 }
 
 /// capstan-server in its own node namespace, and kubectl pointed at it.
+/// Which store capstan-server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Embedded,
+    /// A real etcd (Debian's etcd-server) in the node's namespace.
+    Etcd,
+}
+
 struct Cluster {
     // Dropped first: the server is killed before the topology is torn down.
     proc: Option<Proc>,
+    etcd: Option<Proc>,
     data: PathBuf,
     files: AtomicU32,
     node: Node,
     topo: Topology,
 }
 
+const ETCD_URL: &str = "http://127.0.0.1:2379";
+
+/// etcd (one member) in the node's namespace, its data in the scratch directory.
+fn start_etcd(topo: &Topology, node: &Node) -> Result<Proc> {
+    let dir = topo.scratch_dir().join("etcd");
+    let mut c = Command::new("etcd");
+    c.arg("--data-dir")
+        .arg(&dir)
+        .args([
+            "--listen-client-urls",
+            ETCD_URL,
+            "--advertise-client-urls",
+            ETCD_URL,
+        ])
+        .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+        .args(["--initial-cluster", "default=http://127.0.0.1:2380"]);
+    let p = topo.spawn(node.netns(), false, &mut c)?;
+    wait_until(Duration::from_secs(30), || {
+        ensure!(p.is_running(), "etcd exited:\n{}", p.log());
+        Ok(p.stderr().contains("ready to serve client requests"))
+    })
+    .with_context(|| p.log())?;
+    Ok(p)
+}
+
 impl Cluster {
     fn start() -> Result<Cluster> {
+        Self::start_with(Backend::Embedded)
+    }
+
+    fn start_with(backend: Backend) -> Result<Cluster> {
         require_root();
         let topo = Topology::new()?;
         let node = topo.node("n1")?;
         let data = topo.scratch_dir().join("server");
+        let etcd = match backend {
+            Backend::Embedded => None,
+            Backend::Etcd => Some(start_etcd(&topo, &node)?),
+        };
         let mut c = Cluster {
             proc: None,
+            etcd,
             data,
             files: AtomicU32::new(0),
             node,
@@ -137,6 +181,9 @@ impl Cluster {
             .args(["--bind-address", "127.0.0.1"])
             .args(["--secure-port", &PORT.to_string()])
             .args(["--service-cluster-ip-range", "10.96.0.0/16,fd00:96::/108"]);
+        if self.etcd.is_some() {
+            c.args(["--etcd-servers", ETCD_URL]);
+        }
         let p = self.topo.spawn(self.node.netns(), false, &mut c)?;
         wait_until(Duration::from_secs(30), || {
             ensure!(p.is_running(), "capstan-server exited:\n{}", p.log());
@@ -337,9 +384,8 @@ fn strings(v: &[&str]) -> Vec<String> {
 // 1. create / apply / get
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_create_apply_and_get_in_every_output_format() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_create_apply_and_get_in_every_output_format_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
 
     let out = k.ok(&["create", "-f", &f])?;
@@ -568,13 +614,22 @@ fn kubectl_create_apply_and_get_in_every_output_format() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_create_apply_and_get_in_every_output_format() -> Result<()> {
+    kubectl_create_apply_and_get_in_every_output_format_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_create_apply_and_get_in_every_output_format_etcd() -> Result<()> {
+    kubectl_create_apply_and_get_in_every_output_format_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. label / annotate / patch
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_label_annotate_and_patch() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_label_annotate_and_patch_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
     let labels = || {
@@ -756,11 +811,20 @@ fn kubectl_label_annotate_and_patch() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_label_annotate_and_patch() -> Result<()> {
+    kubectl_label_annotate_and_patch_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_label_annotate_and_patch_etcd() -> Result<()> {
+    kubectl_label_annotate_and_patch_on(Backend::Etcd)
+}
+
 /// The API server does not write (nor bump resourceVersion) for a patch that changes
 /// nothing, so kubectl reports "(no change)".
-#[test]
-fn kubectl_noop_patch_reports_no_change() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_noop_patch_reports_no_change_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
     let rv = k.jsonpath(&["svc", "web"], "{.metadata.resourceVersion}")?;
@@ -784,13 +848,22 @@ fn kubectl_noop_patch_reports_no_change() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_noop_patch_reports_no_change() -> Result<()> {
+    kubectl_noop_patch_reports_no_change_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_noop_patch_reports_no_change_etcd() -> Result<()> {
+    kubectl_noop_patch_reports_no_change_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. delete
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_delete_by_name_selector_and_file() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_delete_by_name_selector_and_file_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
 
@@ -884,13 +957,22 @@ fn kubectl_delete_by_name_selector_and_file() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_delete_by_name_selector_and_file() -> Result<()> {
+    kubectl_delete_by_name_selector_and_file_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_delete_by_name_selector_and_file_etcd() -> Result<()> {
+    kubectl_delete_by_name_selector_and_file_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. watch
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_get_watch_shows_changes() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_get_watch_shows_changes_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
 
@@ -970,13 +1052,22 @@ fn kubectl_get_watch_shows_changes() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_get_watch_shows_changes() -> Result<()> {
+    kubectl_get_watch_shows_changes_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_get_watch_shows_changes_etcd() -> Result<()> {
+    kubectl_get_watch_shows_changes_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Deployments
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_apply_and_scale_a_deployment() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_apply_and_scale_a_deployment_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("deploy.yaml", DEPLOY_YAML)?;
     let out = k.ok(&["apply", "-f", &f])?;
     ensure!(out.trim() == "deployment.apps/d created", "{out}");
@@ -1044,11 +1135,20 @@ fn kubectl_apply_and_scale_a_deployment() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_apply_and_scale_a_deployment() -> Result<()> {
+    kubectl_apply_and_scale_a_deployment_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_apply_and_scale_a_deployment_etcd() -> Result<()> {
+    kubectl_apply_and_scale_a_deployment_on(Backend::Etcd)
+}
+
 /// `kubectl get deploy -o wide` shows CONTAINERS, IMAGES and SELECTOR, like kube-apiserver's
 /// Table for Deployments.
-#[test]
-fn kubectl_get_deployment_wide_shows_containers_images_selector() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_get_deployment_wide_shows_containers_images_selector_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("deploy.yaml", DEPLOY_YAML)?;
     k.ok(&["apply", "-f", &f])?;
     let out = k.ok(&["get", "deploy", "d", "-o", "wide"])?;
@@ -1058,13 +1158,22 @@ fn kubectl_get_deployment_wide_shows_containers_images_selector() -> Result<()> 
     Ok(())
 }
 
+#[test]
+fn kubectl_get_deployment_wide_shows_containers_images_selector() -> Result<()> {
+    kubectl_get_deployment_wide_shows_containers_images_selector_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_get_deployment_wide_shows_containers_images_selector_etcd() -> Result<()> {
+    kubectl_get_deployment_wide_shows_containers_images_selector_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Namespaces
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_namespaces_hold_and_take_their_objects() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_namespaces_hold_and_take_their_objects_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let out = k.ok(&["get", "ns"])?;
     ensure!(header(&out) == strings(&["NAME", "STATUS", "AGE"]), "{out}");
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -1160,13 +1269,22 @@ fn kubectl_namespaces_hold_and_take_their_objects() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_namespaces_hold_and_take_their_objects() -> Result<()> {
+    kubectl_namespaces_hold_and_take_their_objects_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_namespaces_hold_and_take_their_objects_etcd() -> Result<()> {
+    kubectl_namespaces_hold_and_take_their_objects_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. wait / describe
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_wait_and_describe() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_wait_and_describe_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
 
@@ -1249,13 +1367,22 @@ fn kubectl_wait_and_describe() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_wait_and_describe() -> Result<()> {
+    kubectl_wait_and_describe_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_wait_and_describe_etcd() -> Result<()> {
+    kubectl_wait_and_describe_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Refused input and requests without credentials
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_bad_input_is_refused_and_not_stored() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_bad_input_is_refused_and_not_stored_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
 
     let bad_name = k.file("bad-name.yaml", &service_yaml("Web_1", "", 80, ""))?;
     for verb in ["apply", "create"] {
@@ -1457,13 +1584,22 @@ fn kubectl_bad_input_is_refused_and_not_stored() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_bad_input_is_refused_and_not_stored() -> Result<()> {
+    kubectl_bad_input_is_refused_and_not_stored_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_bad_input_is_refused_and_not_stored_etcd() -> Result<()> {
+    kubectl_bad_input_is_refused_and_not_stored_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Optimistic concurrency
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_replace_with_a_stale_resource_version_conflicts() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_replace_with_a_stale_resource_version_conflicts_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;
     k.ok(&["apply", "-f", &f])?;
 
@@ -1527,13 +1663,22 @@ fn kubectl_replace_with_a_stale_resource_version_conflicts() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_replace_with_a_stale_resource_version_conflicts() -> Result<()> {
+    kubectl_replace_with_a_stale_resource_version_conflicts_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_replace_with_a_stale_resource_version_conflicts_etcd() -> Result<()> {
+    kubectl_replace_with_a_stale_resource_version_conflicts_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Restart persistence
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn kubectl_objects_survive_a_kill9_restart() -> Result<()> {
-    let mut k = Cluster::start()?;
+fn kubectl_objects_survive_a_kill9_restart_on(backend: Backend) -> Result<()> {
+    let mut k = Cluster::start_with(backend)?;
     let web = k.file("web.yaml", WEB_YAML)?;
     let deploy = k.file("deploy.yaml", DEPLOY_YAML)?;
     let nsf = k.file("ns.yaml", NS_YAML)?;
@@ -1653,15 +1798,24 @@ fn kubectl_objects_survive_a_kill9_restart() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn kubectl_objects_survive_a_kill9_restart() -> Result<()> {
+    kubectl_objects_survive_a_kill9_restart_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_objects_survive_a_kill9_restart_etcd() -> Result<()> {
+    kubectl_objects_survive_a_kill9_restart_on(Backend::Etcd)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Further gaps found while writing these tests
 // ---------------------------------------------------------------------------------------------
 
 /// With a dual-stack --service-cluster-ip-range, `ipFamilyPolicy: RequireDualStack` gets a
 /// cluster IP of each family.
-#[test]
-fn kubectl_dual_stack_service_gets_both_families() -> Result<()> {
-    let k = Cluster::start()?;
+fn kubectl_dual_stack_service_gets_both_families_on(backend: Backend) -> Result<()> {
+    let k = Cluster::start_with(backend)?;
     for policy in ["RequireDualStack", "PreferDualStack"] {
         let name = policy.to_lowercase();
         let f = k.file(
@@ -1684,6 +1838,16 @@ fn kubectl_dual_stack_service_gets_both_families() -> Result<()> {
     let ip = k.jsonpath(&["svc", "v6"], "{.spec.clusterIP}")?;
     ensure!(ip.starts_with("fd00:96::"), "v6 clusterIP {ip:?}");
     Ok(())
+}
+
+#[test]
+fn kubectl_dual_stack_service_gets_both_families() -> Result<()> {
+    kubectl_dual_stack_service_gets_both_families_on(Backend::Embedded)
+}
+
+#[test]
+fn kubectl_dual_stack_service_gets_both_families_etcd() -> Result<()> {
+    kubectl_dual_stack_service_gets_both_families_on(Backend::Etcd)
 }
 
 /// `kubectl explain` reads the OpenAPI schema of a kind.

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use crate::store::{Embedded, Expect, KeyValue, StoreError, Write, mvcc};
+use crate::store::{Expect, KeyValue, Store, StoreError, Write, mvcc};
 use resources::Resource;
 use status::ApiError;
 
@@ -36,7 +36,7 @@ pub const SYSTEM_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 pub struct Api {
-    pub store: Arc<Embedded>,
+    pub store: Arc<Store>,
     pub alloc: Mutex<admission::Allocator>,
 }
 
@@ -343,7 +343,7 @@ impl Api {
     ) -> anyhow::Result<()> {
         let ns_res = resources::find("", "v1", "namespaces").expect("namespaces in the table");
         for ns in SYSTEM_NAMESPACES {
-            if self.store.get(&ns_res.key(None, ns))?.is_none() {
+            if self.store.get(&ns_res.key(None, ns)).await?.is_none() {
                 let obj =
                     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
                 if let Err(e) = self.create(ns_res, None, obj, &Params::new()).await
@@ -355,7 +355,7 @@ impl Api {
         }
         let svc_res = resources::find("", "v1", "services").expect("services in the table");
         {
-            let stored = self.store.range(&svc_res.prefix(), None, None, 0)?;
+            let stored = self.store.range(&svc_res.prefix(), None, None, 0).await?;
             let mut alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
             for kv in &stored.kvs {
                 if let Ok(v) = serde_json::from_slice::<Value>(&kv.value) {
@@ -365,7 +365,8 @@ impl Api {
         }
         if self
             .store
-            .get(&svc_res.key(Some("default"), "kubernetes"))?
+            .get(&svc_res.key(Some("default"), "kubernetes"))
+            .await?
             .is_none()
         {
             let first = {
@@ -403,7 +404,7 @@ impl Api {
                 "endpoints": [{"addresses": [addr.to_string()], "conditions": {"ready": true}}],
                 "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}]});
             let key = slice_res.key(Some("default"), "kubernetes");
-            let current = self.store.get(&key)?;
+            let current = self.store.get(&key).await?;
             match current {
                 None => {
                     let _ = self
@@ -439,6 +440,7 @@ impl Api {
         Ok(self
             .store
             .get(&res.key(None, ns))
+            .await
             .map_err(store_err)?
             .is_some())
     }
@@ -600,7 +602,12 @@ impl Api {
         ns: Option<&str>,
         name: &str,
     ) -> Result<Value, ApiError> {
-        match self.store.get(&res.key(ns, name)).map_err(store_err)? {
+        match self
+            .store
+            .get(&res.key(ns, name))
+            .await
+            .map_err(store_err)?
+        {
             Some(kv) => decode(&kv),
             None => Err(ApiError::not_found(res.group, res.plural, name)),
         }
@@ -643,7 +650,7 @@ impl Api {
         check_object(res, &mut obj, name)?;
         check_schema(res, &mut obj, params)?;
         let key = res.key(ns, name);
-        let current = self.store.get(&key).map_err(store_err)?;
+        let current = self.store.get(&key).await.map_err(store_err)?;
         let Some(current) = current else {
             return Err(ApiError::not_found(res.group, res.plural, name));
         };
@@ -852,7 +859,7 @@ impl Api {
         let dry_run = params.get("dryRun").is_some_and(|d| d == "All");
         for _ in 0..8 {
             let key = res.key(ns, name);
-            let Some(kv) = self.store.get(&key).map_err(store_err)? else {
+            let Some(kv) = self.store.get(&key).await.map_err(store_err)? else {
                 return Err(ApiError::not_found(res.group, res.plural, name));
             };
             let mut obj = decode(&kv)?;
@@ -916,6 +923,7 @@ impl Api {
             let range = self
                 .store
                 .range(&res.ns_prefix(Some(ns)), None, None, 0)
+                .await
                 .map_err(store_err)?;
             for kv in range.kvs {
                 let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
@@ -926,7 +934,7 @@ impl Api {
     }
 
     /// The objects a list returns: selectors applied, chunked with limit/continue.
-    fn list_items(
+    async fn list_items(
         &self,
         res: &Resource,
         ns: Option<&str>,
@@ -994,6 +1002,7 @@ impl Api {
                     at,
                     if limit > 0 { limit * 2 } else { 0 },
                 )
+                .await
                 .map_err(store_err)?;
             revision = page.revision;
             more = page.more;
@@ -1020,9 +1029,10 @@ impl Api {
             // The rest must come from the same revision.
             let _ = at;
             if at.is_none() {
-                return self.list_items_at(
+                return Box::pin(self.list_items_at(
                     res, ns, params, revision, items, cursor, limit, &labels, &fields,
-                );
+                ))
+                .await;
             }
         }
         let cont =
@@ -1032,7 +1042,7 @@ impl Api {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn list_items_at(
+    async fn list_items_at(
         &self,
         res: &Resource,
         ns: Option<&str>,
@@ -1049,6 +1059,7 @@ impl Api {
             let page = self
                 .store
                 .range(&prefix, cursor.as_deref(), Some(rev), limit * 2)
+                .await
                 .map_err(store_err)?;
             let mut more = page.more;
             for kv in &page.kvs {
@@ -1283,7 +1294,7 @@ async fn serve(
                     watch::serve(api.clone(), res, ns, params, headers).await
                 }
                 Method::GET => {
-                    let (items, rev, cont, _) = api.list_items(res, ns.as_deref(), params)?;
+                    let (items, rev, cont, _) = api.list_items(res, ns.as_deref(), params).await?;
                     Ok(list_response(res, headers, items, rev, cont))
                 }
                 Method::POST => {
@@ -1292,7 +1303,7 @@ async fn serve(
                     Ok(object_response(res, headers, StatusCode::CREATED, &created))
                 }
                 Method::DELETE => {
-                    let (items, _, _, _) = api.list_items(res, ns.as_deref(), params)?;
+                    let (items, _, _, _) = api.list_items(res, ns.as_deref(), params).await?;
                     let mut deleted = Vec::new();
                     for it in items {
                         let name = it["metadata"]["name"]
@@ -1304,7 +1315,7 @@ async fn serve(
                             deleted.push(d);
                         }
                     }
-                    let rev = api.store.revision();
+                    let rev = api.store.revision().await.map_err(store_err)?;
                     Ok(list_response(res, headers, deleted, rev, None))
                 }
                 _ => Err(ApiError::method_not_allowed()),

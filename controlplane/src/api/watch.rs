@@ -61,7 +61,11 @@ pub async fn serve(
     // Initial events: for an unset or "0" resourceVersion, or when asked for.
     let mut initial = Vec::new();
     let after = if rv.is_empty() || rv == "0" || send_initial {
-        let range = api.store.range(&prefix, None, None, 0).map_err(store_err)?;
+        let range = api
+            .store
+            .range(&prefix, None, None, 0)
+            .await
+            .map_err(store_err)?;
         for kv in &range.kvs {
             let v = decode(kv)?;
             if matches(&v) {
@@ -74,7 +78,7 @@ pub async fn serve(
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let watch = match api.store.watch(&prefix, after) {
+    let watch = match api.store.watch(&prefix, after).await {
         Ok(w) => Some(w),
         Err(StoreError::Mvcc(mvcc::Error::Compacted { .. })) => None,
         Err(e) => return Err(store_err(e)),

@@ -3,6 +3,7 @@
 //!
 //! [`Embedded`] is the default backend: the core in memory, every write in a write-ahead
 //! log ([`wal`]) made durable before it is acknowledged or seen by a reader or watcher.
+pub mod etcd;
 pub mod mvcc;
 pub mod wal;
 
@@ -25,10 +26,18 @@ pub enum StoreError {
     Failed(String),
 }
 
+/// Where a watch's live events come from.
+enum Live {
+    /// The embedded store's fan-out.
+    Broadcast(broadcast::Receiver<Arc<Event>>),
+    /// A backend's own stream (etcd).
+    Channel(tokio::sync::mpsc::Receiver<Result<Arc<Event>, StoreError>>),
+}
+
 /// A watch: the events after the requested revision, then live ones, in order.
 pub struct Watch {
     replay: std::vec::IntoIter<Arc<Event>>,
-    live: broadcast::Receiver<Arc<Event>>,
+    live: Live,
     prefix: String,
     /// Live events up to this revision were in the replay.
     replayed_until: Revision,
@@ -45,23 +54,36 @@ impl Watch {
             return Ok(Some(e));
         }
         loop {
-            match self.live.recv().await {
-                Ok(e)
-                    if e.revision <= self.replayed_until || !e.kv.key.starts_with(&self.prefix) =>
-                {
-                    continue;
-                }
-                Ok(e) => {
-                    self.last = e.revision;
-                    return Ok(Some(e));
-                }
-                Err(broadcast::error::RecvError::Closed) => return Ok(None),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return Err(mvcc::Error::Compacted {
-                        requested: self.last,
-                        compacted: self.last + 1,
+            match &mut self.live {
+                Live::Broadcast(rx) => match rx.recv().await {
+                    Ok(e)
+                        if e.revision <= self.replayed_until
+                            || !e.kv.key.starts_with(&self.prefix) =>
+                    {
+                        continue;
                     }
-                    .into());
+                    Ok(e) => {
+                        self.last = e.revision;
+                        return Ok(Some(e));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return Err(mvcc::Error::Compacted {
+                            requested: self.last,
+                            compacted: self.last + 1,
+                        }
+                        .into());
+                    }
+                },
+                Live::Channel(rx) => {
+                    return match rx.recv().await {
+                        Some(Ok(e)) => {
+                            self.last = e.revision;
+                            Ok(Some(e))
+                        }
+                        Some(Err(e)) => Err(e),
+                        None => Ok(None),
+                    };
                 }
             }
         }
@@ -243,7 +265,7 @@ impl Embedded {
         let live = self.events.subscribe();
         Ok(Watch {
             replay: replay.into_iter(),
-            live,
+            live: Live::Broadcast(live),
             prefix: prefix.to_string(),
             replayed_until: s.committed,
             last: after,
@@ -332,15 +354,96 @@ fn writer(
     }
 }
 
-/// Compacts history older than `keep` every `every`, as kube-apiserver asks etcd to.
-pub async fn compact_periodically(store: Arc<Embedded>, every: Duration) {
-    let mut previous = store.revision();
+/// The store capstan-server runs on: the embedded one, or an etcd cluster.
+pub enum Store {
+    Embedded(Embedded),
+    Etcd(etcd::Etcd),
+}
+
+impl Store {
+    /// The latest revision readers see.
+    pub async fn revision(&self) -> Result<Revision, StoreError> {
+        match self {
+            Store::Embedded(e) => Ok(e.revision()),
+            Store::Etcd(e) => e.revision().await,
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        match self {
+            Store::Embedded(e) => e.get(key),
+            Store::Etcd(e) => e.get(key).await,
+        }
+    }
+
+    pub async fn range(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        at: Option<Revision>,
+        limit: usize,
+    ) -> Result<Range, StoreError> {
+        match self {
+            Store::Embedded(e) => e.range(prefix, start_after, at, limit),
+            Store::Etcd(e) => e.range(prefix, start_after, at, limit).await,
+        }
+    }
+
+    pub async fn count(&self, prefix: &str) -> Result<usize, StoreError> {
+        match self {
+            Store::Embedded(e) => Ok(e.count(prefix)),
+            Store::Etcd(e) => e.count(prefix).await,
+        }
+    }
+
+    /// A conditional write, returned once durable.
+    pub async fn write(&self, write: Write, expect: Expect) -> Result<Arc<Event>, StoreError> {
+        match self {
+            Store::Embedded(e) => e.write(write, expect).await,
+            Store::Etcd(e) => e.write(write, expect).await,
+        }
+    }
+
+    /// Watches keys under `prefix` for changes after revision `after`.
+    pub async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        match self {
+            Store::Embedded(e) => e.watch(prefix, after),
+            Store::Etcd(e) => Ok(Watch {
+                replay: Vec::new().into_iter(),
+                live: Live::Channel(e.watch(prefix, after).await?),
+                prefix: prefix.to_string(),
+                replayed_until: after,
+                last: after,
+            }),
+        }
+    }
+
+    /// Forgets history before `revision`.
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(e) => {
+                e.compact(revision);
+                Ok(())
+            }
+            Store::Etcd(e) => e.compact(revision).await,
+        }
+    }
+}
+
+/// Compacts history older than the previous interval every `every`, as kube-apiserver
+/// asks etcd to.
+pub async fn compact_periodically(store: Arc<Store>, every: Duration) {
+    let mut previous = store.revision().await.unwrap_or(0);
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        store.compact(previous);
-        previous = store.revision();
+        if previous > 0
+            && let Err(e) = store.compact(previous).await
+        {
+            warn!(error = %e, revision = previous, "compaction failed");
+        }
+        previous = store.revision().await.unwrap_or(previous);
     }
 }
 
