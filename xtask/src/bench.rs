@@ -32,6 +32,18 @@ pub enum Which {
         #[arg(long, default_value = "target/bench/clusterip.json")]
         json: PathBuf,
     },
+    /// capstan-server, embedded store versus etcd.
+    Apiserver {
+        /// Object counts to measure get and list at.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        counts: Vec<usize>,
+        /// Concurrent watchers for the delivery latency.
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Where the figures go as JSON.
+        #[arg(long, default_value = "target/bench/apiserver.json")]
+        json: PathBuf,
+    },
 }
 
 const TARGET_VIP: &str = "10.96.0.1";
@@ -228,13 +240,24 @@ fn rr(topo: &Topology, netns: &str, addr: &str, seconds: f64) -> Result<Rr> {
 }
 
 pub fn run(root: &Path, which: Which) -> Result<()> {
+    if let Which::Apiserver {
+        counts,
+        watchers,
+        json,
+    } = which
+    {
+        return crate::bench_apiserver::run(root, counts, watchers, json);
+    }
     let Which::Clusterip {
         counts,
         seconds,
         rounds,
         changes,
         json: json_path,
-    } = which;
+    } = which
+    else {
+        unreachable!("handled above")
+    };
     require_root();
     crate::build_bins(root, true)?;
     // SAFETY: single-threaded here; the harness reads it when it looks for binaries.

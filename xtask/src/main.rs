@@ -6,9 +6,11 @@
 //! - `build-ebpf [--check]`: only the eBPF object; `--check` fails when the committed
 //!   object differs from a fresh, reproducible build of the source.
 //! - `test`: everything CI runs: the stale-object check and every test in the workspace.
-//! - `demo`: capstan-proxy standalone against backends in namespaces, a ClusterIP working.
-//! - `bench clusterip`: the ClusterIP benchmark (a benchmark, not a test).
+//! - `demo`: capstan-server, kubectl and capstan-proxy: a ClusterIP working in namespaces.
+//! - `bench clusterip`: the ClusterIP benchmark; `bench apiserver`: capstan-server with the
+//!   embedded store and with etcd (benchmarks, not tests).
 mod bench;
+mod bench_apiserver;
 mod demo;
 mod ebpf;
 
