@@ -303,7 +303,21 @@ pub fn run(root: &Path, counts: Vec<usize>, watchers: usize, json_path: PathBuf)
         "--release",
         "-p",
         "capstan-controlplane",
+        "-p",
+        "xtask",
     ]))?;
+    // The client side (100 watchers decoding every event) is part of what is measured:
+    // it runs optimized, as the server does.
+    if cfg!(debug_assertions) {
+        let counts: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
+        return crate::run(
+            Command::new(root.join("target/release/xtask"))
+                .current_dir(root)
+                .args(["bench", "apiserver", "--counts", &counts.join(",")])
+                .args(["--watchers", &watchers.to_string(), "--json"])
+                .arg(&json_path),
+        );
+    }
     let scratch =
         std::env::temp_dir().join(format!("capstan-bench-apiserver-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);

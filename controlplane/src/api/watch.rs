@@ -20,6 +20,42 @@ fn line(kind: &str, object: Value) -> Bytes {
     Bytes::from(s)
 }
 
+/// Recently encoded event lines, by revision, shared by every plain watcher.
+static LINES: std::sync::Mutex<std::collections::VecDeque<(u64, Bytes)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const SHARED_LINES: usize = 4096;
+
+/// The line a watcher without selectors sends for an event (encoded once).
+fn shared_line(ev: &crate::store::Event) -> Option<Bytes> {
+    {
+        let cache = LINES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, b)) = cache.iter().rev().find(|(r, _)| *r == ev.revision) {
+            return Some(b.clone());
+        }
+    }
+    let b = match ev.kind {
+        EventKind::Put => {
+            let kind = if ev.prev.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            line(kind, decode(&ev.kv).ok()?)
+        }
+        EventKind::Delete => {
+            let mut o = decode(ev.prev.as_ref().unwrap_or(&ev.kv)).ok()?;
+            o["metadata"]["resourceVersion"] = json!(ev.revision.to_string());
+            line("DELETED", o)
+        }
+    };
+    let mut cache = LINES.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= SHARED_LINES {
+        cache.pop_front();
+    }
+    cache.push_back((ev.revision, b.clone()));
+    Some(b)
+}
+
 pub async fn serve(
     api: Arc<Api>,
     res: &'static Resource,
@@ -42,6 +78,9 @@ pub async fn serve(
         res.kind,
     )
     .map_err(ApiError::bad_request)?;
+    let plain = labels.0.is_empty()
+        && fields.0.is_empty()
+        && !table::wants_table(header_str(headers, header::ACCEPT));
     let matches = move |v: &Value| labels.matches(v) && fields.matches(v);
     let as_table = table::wants_table(header_str(headers, header::ACCEPT));
     let bookmarks = params
@@ -129,6 +168,17 @@ pub async fn serve(
                             return;
                         }
                     };
+                    // Without selectors and Tables every watcher sends the same line:
+                    // encode it once for all of them.
+                    if plain {
+                        let bytes = shared_line(&ev);
+                        if let Some(b) = bytes
+                            && tx.send(b).await.is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     let new = match ev.kind {
                         EventKind::Put => decode(&ev.kv).ok(),
                         EventKind::Delete => None,
