@@ -152,7 +152,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("connecting to etcd {servers:?}: {e}"))?;
             info!(servers = ?servers, "using etcd");
-            Store::Etcd(etcd)
+            Store::Etcd(Box::new(etcd))
         }
         None => Store::Embedded(
             Embedded::open(&opts.data_dir.join("store")).context("opening the store")?,

@@ -780,3 +780,65 @@ fn an_idle_agent_stays_idle() -> Result<()> {
     );
     fx.ensure_agent_alive()
 }
+
+/// max_entries of a pinned map (`bpftool map show pinned`).
+fn pinned_max_entries(fx: &ProxyFixture, map: &str) -> Result<u64> {
+    let path = fx.topo.bpffs_dir().join(map);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&path)
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v["max_entries"].as_u64().context("max_entries")
+}
+
+/// Changing a map size flag and restarting resizes the pinned map, keeps what it held
+/// (traffic goes on through the restart) and fills the new size.
+#[test]
+fn restart_with_new_map_sizes_resizes_the_pinned_maps() -> Result<()> {
+    let mut fx = ProxyFixture::new()?;
+    let vip = sa(ip("10.96.9.20"), 80);
+    fx.write(
+        "web.yaml",
+        &fx.web_service("web", "10.96.9.20", "fd00:96::9:20", &[0, 1]),
+    )?;
+    fx.wait_backends("tcp", vip, &["b0", "b1"])?;
+    let before = pinned_max_entries(&fx, "CS_SVC_V1")?;
+    fx.stop_agent()?;
+    // The data path keeps serving while the agent is down, and after it comes back.
+    fx.expect_spread("tcp", vip, 20, &["b0", "b1"], true)?;
+    fx.start_agent_with(&[
+        "--bpf-lb-service-map-max".into(),
+        "4099".into(),
+        "--bpf-lb-backend-map-max".into(),
+        "2053".into(),
+    ])?;
+    fx.expect_spread("tcp", vip, 20, &["b0", "b1"], true)?;
+    ensure!(before != 4099, "the default size is already 4099");
+    ensure!(
+        pinned_max_entries(&fx, "CS_SVC_V1")? == 4099,
+        "services map not resized"
+    );
+    ensure!(
+        pinned_max_entries(&fx, "CS_BACKEND_V1")? == 2053,
+        "backends map not resized"
+    );
+    ensure!(
+        fx.agent_log().contains("resizing a pinned map"),
+        "no log line about the resize\n{}",
+        fx.agent_log()
+    );
+    // Changes still apply with the new maps.
+    fx.write(
+        "web.yaml",
+        &fx.web_service("web", "10.96.9.20", "fd00:96::9:20", &[1]),
+    )?;
+    fx.wait_backends("tcp", vip, &["b1"])?;
+    fx.ensure_agent_alive()
+}

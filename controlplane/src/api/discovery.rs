@@ -218,50 +218,6 @@ pub fn wants_aggregated(accept: &str) -> Option<&'static str> {
     None
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn discovery_covers_the_table() {
-        let core = resource_list("", "v1").unwrap();
-        let names: Vec<&str> = core["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap())
-            .collect();
-        for n in [
-            "services",
-            "services/status",
-            "pods/binding",
-            "namespaces",
-            "nodes",
-        ] {
-            assert!(names.contains(&n), "{n}");
-        }
-        assert!(resource_list("apps", "v1").is_some());
-        assert!(resource_list("nope", "v1").is_none());
-        let groups = group_list();
-        assert!(
-            groups["groups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|g| g["name"] == "discovery.k8s.io")
-        );
-        let agg = aggregated(false, "apidiscovery.k8s.io/v2");
-        assert!(agg["items"].as_array().unwrap().len() >= 3);
-        assert_eq!(
-            wants_aggregated(
-                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
-            ),
-            Some("v2")
-        );
-        assert_eq!(wants_aggregated("application/json"), None);
-    }
-}
-
 /// The OpenAPI v3 index: one document per group version.
 pub fn openapi_v3_index() -> Value {
     let mut paths = serde_json::Map::new();
@@ -331,4 +287,48 @@ pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
             "components": {"schemas": {}},
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_covers_the_table() {
+        let core = resource_list("", "v1").unwrap();
+        let names: Vec<&str> = core["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        for n in [
+            "services",
+            "services/status",
+            "pods/binding",
+            "namespaces",
+            "nodes",
+        ] {
+            assert!(names.contains(&n), "{n}");
+        }
+        assert!(resource_list("apps", "v1").is_some());
+        assert!(resource_list("nope", "v1").is_none());
+        let groups = group_list();
+        assert!(
+            groups["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["name"] == "discovery.k8s.io")
+        );
+        let agg = aggregated(false, "apidiscovery.k8s.io/v2");
+        assert!(agg["items"].as_array().unwrap().len() >= 3);
+        assert_eq!(
+            wants_aggregated(
+                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
+            ),
+            Some("v2")
+        );
+        assert_eq!(wants_aggregated("application/json"), None);
+    }
 }

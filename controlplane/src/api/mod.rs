@@ -195,7 +195,7 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
         .into_response()
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> &'a str {
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> &str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
@@ -770,6 +770,7 @@ impl Api {
     }
 
     /// PATCH: read, patch, write with the read's revision; retried on a conflict.
+    #[allow(clippy::too_many_arguments)]
     async fn patch(
         &self,
         res: &'static Resource,

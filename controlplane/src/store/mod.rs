@@ -357,7 +357,7 @@ fn writer(
 /// The store capstan-server runs on: the embedded one, or an etcd cluster.
 pub enum Store {
     Embedded(Embedded),
-    Etcd(etcd::Etcd),
+    Etcd(Box<etcd::Etcd>),
 }
 
 impl Store {

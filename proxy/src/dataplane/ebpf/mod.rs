@@ -129,6 +129,93 @@ where
     })
 }
 
+/// Entries of pinned maps being resized, on their way to the new maps.
+struct Carried {
+    services: Option<Vec<(ServiceKey, ServiceValue)>>,
+    backends: Option<Vec<(u32, Backend)>>,
+    reverse: Option<Vec<(ReverseKey, ReverseValue)>>,
+    affinity: Option<Vec<(AffinityKey, AffinityValue)>>,
+    maglev: Option<Vec<(u32, MaglevTable)>>,
+}
+
+/// If the map pinned as `name` holds another number of entries than `want`, reads its
+/// entries and unpins it (the loader then creates one of the right size).
+fn resize_pinned<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+    want: u32,
+) -> Result<Option<Vec<(K, V)>>, Error> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: MapError| Error::Map {
+        name,
+        message: e.to_string(),
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let have = data.info().map_err(err)?.max_entries();
+    if have == want {
+        return Ok(None);
+    }
+    let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(err)?;
+    let entries: Vec<(K, V)> = map.iter().filter_map(|kv| kv.ok()).collect();
+    fs::remove_file(&path).map_err(|e| Error::Map {
+        name,
+        message: format!("unpinning {} to resize it: {e}", path.display()),
+    })?;
+    warn!(
+        map = name,
+        from = have,
+        to = want,
+        entries = entries.len(),
+        "resizing a pinned map; its entries are carried over"
+    );
+    Ok(Some(entries))
+}
+
+fn refill<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: Option<Vec<(K, V)>>,
+) -> Result<(), Error> {
+    let Some(entries) = entries else {
+        return Ok(());
+    };
+    let map = ebpf.map_mut(name).ok_or(Error::Map {
+        name,
+        message: "not in the object".into(),
+    })?;
+    let mut map: HashMap<&mut MapData, K, V> = HashMap::try_from(map).map_err(|e| Error::Map {
+        name,
+        message: e.to_string(),
+    })?;
+    let mut dropped = 0;
+    for (k, v) in entries {
+        if map.insert(k, v, 0).is_err() {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        error!(
+            map = name,
+            dropped, "the resized map is too small for what the old one held"
+        );
+    }
+    Ok(())
+}
+
+impl Carried {
+    fn restore(self, ebpf: &mut Ebpf) -> Result<(), Error> {
+        refill(ebpf, SERVICES_MAP, self.services)?;
+        refill(ebpf, BACKENDS_MAP, self.backends)?;
+        refill(ebpf, REVERSE_MAP, self.reverse)?;
+        refill(ebpf, AFFINITY_MAP, self.affinity)?;
+        refill(ebpf, MAGLEV_MAP, self.maglev)
+    }
+}
+
 fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
@@ -152,6 +239,17 @@ impl EbpfDataplane {
             source,
         })?;
 
+        // Pinned maps of another size than the flags ask for: their entries are kept
+        // aside, the old map unpinned, and the entries copied into the new map before the
+        // new programs take over, so resizing is a restart like any other.
+        let carried = Carried {
+            services: resize_pinned(&opts.pin_dir, SERVICES_MAP, opts.sizes.services)?,
+            backends: resize_pinned(&opts.pin_dir, BACKENDS_MAP, opts.sizes.backends)?,
+            reverse: resize_pinned(&opts.pin_dir, REVERSE_MAP, opts.sizes.reverse)?,
+            affinity: resize_pinned(&opts.pin_dir, AFFINITY_MAP, opts.sizes.affinity)?,
+            maglev: resize_pinned(&opts.pin_dir, MAGLEV_MAP, opts.sizes.maglev)?,
+        };
+
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(SERVICES_MAP, opts.sizes.services)
@@ -160,6 +258,7 @@ impl EbpfDataplane {
             .map_max_entries(AFFINITY_MAP, opts.sizes.affinity)
             .map_max_entries(MAGLEV_MAP, opts.sizes.maglev)
             .load(OBJECT)?;
+        carried.restore(&mut ebpf)?;
 
         for name in PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
