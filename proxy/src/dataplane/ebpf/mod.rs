@@ -431,7 +431,9 @@ impl EbpfDataplane {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed: HashSet<usize> = HashSet::new();
-        let mut undo: Vec<Vec<Op>> = vec![Vec::new(); plans.len()];
+        // By plan; sized by what is written, not by the number of plans (the full-map
+        // retry applies one plan at a time out of 100,000s).
+        let mut undo: foldhash::HashMap<usize, Vec<Op>> = foldhash::HashMap::default();
         // Grow the mirror once, not by doubling while 100,000s of entries go in.
         let (slots, backends) =
             stages
@@ -460,7 +462,7 @@ impl EbpfDataplane {
                         Ok(()) => {
                             let inverse = plan::apply_to_mirror(&mut self.mirror, op);
                             if let Some(p) = plan {
-                                undo[*p].push(inverse);
+                                undo.entry(*p).or_default().push(inverse);
                             }
                             report.writes += 1;
                         }
@@ -492,7 +494,7 @@ impl EbpfDataplane {
             // Roll back what the plans that just failed had already written.
             let newly: Vec<usize> = failed.difference(&failed_before).copied().collect();
             for p in newly {
-                for op in std::mem::take(&mut undo[p]).into_iter().rev() {
+                for op in undo.remove(&p).unwrap_or_default().into_iter().rev() {
                     if self.write(&op).is_ok() {
                         let _ = plan::apply_to_mirror(&mut self.mirror, &op);
                     }
@@ -530,14 +532,39 @@ impl EbpfDataplane {
         // Removals (untagged) first: they free room.
         order.sort_by_key(|(p, b)| (p.is_some(), b.iter().map(Vec::len).sum::<usize>()));
         let mut report = SyncReport::default();
-        for (_, b) in &order {
+        let mut full: BTreeSet<&'static str> = BTreeSet::new();
+        for (plan, b) in &order {
+            // Once a map is full, a plan that needs a new entry cannot fit: it fails
+            // without a write (100,000s of them would otherwise each try and roll back);
+            // plans that only change entries in place still go.
+            if !full.is_empty()
+                && let Some(p) = plan
+                && b.iter()
+                    .flatten()
+                    .any(|(_, op)| full.contains(map_of(op)) && self.needs_new_entry(op))
+            {
+                report.failed_plans.push(ch.plans[*p].clone());
+                continue;
+            }
             let r = self.apply_stages(&ch.plans, [&b[0], &b[1], &b[2]]);
             report.writes += r.writes;
             report.errors += r.errors;
             report.failed_plans.extend(r.failed_plans);
+            full.extend(r.full_maps.iter().copied());
             report.full_maps.extend(r.full_maps);
         }
         report
+    }
+
+    /// Whether a write adds a key its map does not hold yet.
+    fn needs_new_entry(&self, op: &Op) -> bool {
+        match op {
+            Op::PutSlot(k, _) => !self.mirror.services.contains_key(k),
+            Op::PutBackend(id, _) => !self.mirror.backends.contains_key(id),
+            Op::PutMaglev(id, _) => !self.mirror.maglev.contains_key(id),
+            Op::PutNodeAddr(a) => !self.mirror.node_addrs.contains(a),
+            _ => false,
+        }
     }
 
     /// Writes a group of operations of one kind; one result per operation.
