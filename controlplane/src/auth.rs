@@ -10,6 +10,16 @@ pub struct User {
     pub groups: Vec<String>,
 }
 
+impl User {
+    /// Who a request without credentials is (when anonymous access is on).
+    pub fn anonymous() -> User {
+        User {
+            name: "system:anonymous".into(),
+            groups: vec!["system:unauthenticated".into()],
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
     by_token: HashMap<String, User>,
@@ -82,7 +92,17 @@ impl Tokens {
                 .open(&path)?;
             writeln!(f, "{token},admin,admin,\"system:masters\"")?;
         }
-        let text = std::fs::read_to_string(&path)?;
+        let mut text = std::fs::read_to_string(&path)?;
+        // capstan-proxy's identity (kube-proxy's: RBAC gives it system:node-proxier).
+        if !parse_tokens(&text).is_ok_and(|t| t.by_token.values().any(|u| u.name == PROXY_USER)) {
+            use std::io::Write;
+            let token: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+            writeln!(f, "{token},{PROXY_USER},{PROXY_USER}")?;
+            text = std::fs::read_to_string(&path)?;
+        }
         let tokens = parse_tokens(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let admin = tokens
             .by_token
@@ -93,6 +113,19 @@ impl Tokens {
                 anyhow::anyhow!("{}: no token in group system:masters", path.display())
             })?;
         Ok((tokens, admin))
+    }
+}
+
+/// The user capstan-proxy authenticates as.
+pub const PROXY_USER: &str = "system:kube-proxy";
+
+impl Tokens {
+    /// A token of the named user, if the file has one.
+    pub fn token_of(&self, user: &str) -> Option<&str> {
+        self.by_token
+            .iter()
+            .find(|(_, u)| u.name == user)
+            .map(|(t, _)| t.as_str())
     }
 }
 

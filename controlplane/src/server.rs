@@ -51,7 +51,14 @@ async fn authenticate(State(a): State<AuthState>, req: Request, next: Next) -> R
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match token {
-        Some(t) if a.tokens.user(t).is_some() => next.run(req).await,
+        Some(t) if a.tokens.user(t).is_some() => {
+            let user = a.tokens.user(t).cloned();
+            let mut req = req;
+            if let Some(u) = user {
+                req.extensions_mut().insert(u);
+            }
+            next.run(req).await
+        }
         None if a.anonymous => next.run(req).await,
         _ => {
             debug!(path = %req.uri().path(), "unauthenticated request refused");
@@ -165,6 +172,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let api = Arc::new(Api {
         store,
         alloc: Mutex::new(Allocator::new(opts.service_ranges.clone(), opts.node_ports)),
+        policy: Mutex::new(None),
     });
     let advertise = opts
         .advertise
@@ -247,6 +255,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .open(&opts.kubeconfig_out)
             .with_context(|| format!("writing {}", opts.kubeconfig_out.display()))?;
         f.write_all(auth::kubeconfig(&server_url, &pki.ca_pem, "admin", &admin).as_bytes())?;
+    }
+    // capstan-proxy's kubeconfig: least privilege (system:node-proxier).
+    if let Some(token) = tokens.token_of(auth::PROXY_USER) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = opts.data_dir.join("proxy.kubeconfig");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(
+            auth::kubeconfig(&server_url, &pki.ca_pem, auth::PROXY_USER, token).as_bytes(),
+        )?;
     }
     let tls = Arc::new(
         pki.server_config()

@@ -1598,6 +1598,74 @@ fn kubectl_bad_input_is_refused_and_not_stored_etcd() -> Result<()> {
 // 9. Optimistic concurrency
 // ---------------------------------------------------------------------------------------------
 
+/// RBAC: the proxy's kubeconfig (system:kube-proxy, bound to system:node-proxier by the
+/// server's bootstrap policy) reads Services, EndpointSlices and Nodes and nothing more;
+/// a Role and RoleBinding made with kubectl give another user exactly what they say.
+#[test]
+fn kubectl_rbac_gives_the_proxy_least_privilege() -> Result<()> {
+    let k = Cluster::start()?;
+    k.ok(&["apply", "-f", &k.file("web.yaml", WEB_YAML)?])?;
+    let proxy = k.data.join("proxy.kubeconfig").display().to_string();
+    let as_proxy = |args: &[&str]| -> Result<std::process::Output> {
+        let mut all = vec!["--kubeconfig", proxy.as_str()];
+        all.extend_from_slice(args);
+        k.run(&all)
+    };
+    for args in [
+        &["get", "services", "-A"][..],
+        &["get", "endpointslices", "-A"],
+        &["get", "nodes"],
+    ] {
+        let out = as_proxy(args)?;
+        ensure!(
+            out.status.success(),
+            "proxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (args, what) in [
+        (
+            &["get", "secrets", "-A"][..],
+            "cannot list resource \"secrets\"",
+        ),
+        (
+            &["delete", "service", "web"],
+            "cannot delete resource \"services\"",
+        ),
+        (
+            &["label", "service", "web", "x=y"],
+            "cannot patch resource \"services\"",
+        ),
+    ] {
+        let out = as_proxy(args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("forbidden") && err.contains(what),
+            "proxy {args:?}: {err}"
+        );
+    }
+    // The Service is untouched.
+    k.ok(&["get", "service", "web"])?;
+    // The RBAC objects are there for kubectl to read.
+    let roles = k.ok(&["get", "clusterroles"])?;
+    ensure!(
+        roles.contains("system:node-proxier") && roles.contains("cluster-admin"),
+        "{roles}"
+    );
+    let bindings = k.ok(&[
+        "get",
+        "clusterrolebinding",
+        "system:node-proxier",
+        "-o",
+        "wide",
+    ])?;
+    ensure!(
+        bindings.contains("ClusterRole/system:node-proxier"),
+        "{bindings}"
+    );
+    Ok(())
+}
+
 fn kubectl_replace_with_a_stale_resource_version_conflicts_on(backend: Backend) -> Result<()> {
     let k = Cluster::start_with(backend)?;
     let f = k.file("web.yaml", WEB_YAML)?;

@@ -96,7 +96,9 @@ fn fixture() -> Result<(ProxyFixture, Server)> {
         ..Default::default()
     })?;
     let server = Server::start(&fx, fx.topo.scratch_dir().join("server"))?;
-    let kubeconfig = server.kubeconfig().display().to_string();
+    // The agent runs with least privilege: the server's proxy identity
+    // (system:kube-proxy, bound to system:node-proxier).
+    let kubeconfig = server.data.join("proxy.kubeconfig").display().to_string();
     fx.start_agent_with(&["--kubeconfig".into(), kubeconfig])?;
     Ok((fx, server))
 }

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod discovery;
 pub mod meta;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod status;
@@ -38,6 +39,8 @@ pub const SYSTEM_NAMESPACES: &[&str] =
 pub struct Api {
     pub store: Arc<Store>,
     pub alloc: Mutex<admission::Allocator>,
+    /// The RBAC policy in force, and when it was read (re-read at most every second).
+    pub policy: Mutex<Option<(std::time::Instant, Arc<rbac::Policy>)>>,
 }
 
 type Params = HashMap<String, String>;
@@ -223,6 +226,19 @@ fn name_check(res: &Resource, name: &str) -> Result<(), String> {
     match res.kind {
         "Namespace" => meta::check_label(name),
         "Service" => meta::check_dns1035(name),
+        // RBAC names are path segments (`system:node-proxier`).
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => {
+            if name.is_empty()
+                || name == "."
+                || name == ".."
+                || name.contains('/')
+                || name.contains('%')
+            {
+                Err("may not be '.' or '..' and may not contain '/' or '%'".into())
+            } else {
+                Ok(())
+            }
+        }
         _ => meta::check_subdomain(name),
     }
 }
@@ -353,6 +369,25 @@ impl Api {
                 }
             }
         }
+        for obj in rbac::bootstrap_objects() {
+            let plural = if obj["kind"] == "ClusterRole" {
+                "clusterroles"
+            } else {
+                "clusterrolebindings"
+            };
+            let res =
+                resources::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac resources");
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if self.store.get(&res.key(None, &name)).await?.is_none()
+                && let Err(e) = self.create(res, None, obj, &Params::new()).await
+                && e.reason != "AlreadyExists"
+            {
+                anyhow::bail!("creating {plural} {name}: {}", e.message);
+            }
+        }
         let svc_res = resources::find("", "v1", "services").expect("services in the table");
         {
             let stored = self.store.range(&svc_res.prefix(), None, None, 0).await?;
@@ -433,6 +468,41 @@ impl Api {
             }
         }
         Ok(())
+    }
+
+    /// The RBAC objects in force (read from the store at most once a second).
+    async fn policy(&self) -> Result<Arc<rbac::Policy>, ApiError> {
+        if let Some((at, p)) = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return Ok(p.clone());
+        }
+        let mut p = rbac::Policy::default();
+        for (plural, out) in [
+            ("roles", &mut p.roles),
+            ("clusterroles", &mut p.cluster_roles),
+            ("rolebindings", &mut p.role_bindings),
+            ("clusterrolebindings", &mut p.cluster_role_bindings),
+        ] {
+            let res =
+                resources::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac resources");
+            let range = self
+                .store
+                .range(&res.prefix(), None, None, 0)
+                .await
+                .map_err(store_err)?;
+            for kv in &range.kvs {
+                out.push(decode(kv)?);
+            }
+        }
+        let p = Arc::new(p);
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), p.clone()));
+        Ok(p)
     }
 
     async fn namespace_exists(&self, ns: &str) -> Result<bool, ApiError> {
@@ -1233,13 +1303,17 @@ fn scale_of(obj: &Value) -> Value {
 /// The one handler behind `/api/...` and `/apis/...`.
 pub async fn dispatch(
     State(api): State<Arc<Api>>,
+    user: Option<axum::Extension<crate::auth::User>>,
     method: Method,
     uri: Uri,
     Query(params): Query<Params>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match serve(&api, &method, &uri, &params, &headers, &body).await {
+    let user = user
+        .map(|u| u.0)
+        .unwrap_or_else(crate::auth::User::anonymous);
+    match serve(&api, &user, &method, &uri, &params, &headers, &body).await {
         Ok(r) => r,
         Err(e) => {
             debug!(method = %method, path = %uri.path(), code = e.code.as_u16(), reason = e.reason, "request failed");
@@ -1248,8 +1322,25 @@ pub async fn dispatch(
     }
 }
 
+/// The RBAC verb of a request.
+fn verb_of(method: &Method, collection: bool, params: &Params) -> &'static str {
+    match (method.as_str(), collection) {
+        ("GET", true) if params_flag(params, "watch") => "watch",
+        ("GET", true) => "list",
+        ("GET", false) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "deletecollection",
+        ("DELETE", false) => "delete",
+        _ => "unknown",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     api: &Arc<Api>,
+    user: &crate::auth::User,
     method: &Method,
     uri: &Uri,
     params: &Params,
@@ -1257,6 +1348,36 @@ async fn serve(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let target = route(uri.path())?;
+    // Authorization: discovery is open to every authenticated user; the rest is RBAC's.
+    let attrs = match &target {
+        Target::Discovery(_) => None,
+        Target::Collection { res, ns } => Some(rbac::Attributes {
+            verb: verb_of(method, true, params).into(),
+            group: res.group.into(),
+            resource: res.plural.into(),
+            namespace: ns.clone(),
+            name: None,
+        }),
+        Target::Object { res, ns, name, sub } => Some(rbac::Attributes {
+            verb: verb_of(method, false, params).into(),
+            group: res.group.into(),
+            resource: match sub {
+                Some(s) => format!("{}/{s}", res.plural),
+                None => res.plural.into(),
+            },
+            namespace: if res.kind == "Namespace" {
+                Some(name.clone())
+            } else {
+                ns.clone()
+            },
+            name: Some(name.clone()),
+        }),
+    };
+    if let Some(a) = attrs
+        && !api.policy().await?.allows(user, &a)
+    {
+        return Err(ApiError::forbidden(rbac::forbidden_message(user, &a)));
+    }
     match target {
         Target::Discovery(doc) => {
             if *method != Method::GET {

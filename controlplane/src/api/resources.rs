@@ -263,6 +263,18 @@ fn selector(v: &Value) -> Value {
     )
 }
 
+fn role_ref(v: &Value) -> Value {
+    json!(format!(
+        "{}/{}",
+        v.pointer("/roleRef/kind")
+            .and_then(|x| x.as_str())
+            .unwrap_or(""),
+        v.pointer("/roleRef/name")
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+    ))
+}
+
 fn data_count(v: &Value) -> Value {
     json!(
         v.get("data")
@@ -556,6 +568,54 @@ pub static RESOURCES: &[Resource] = &[
             )),
             col!("Ready", "integer", 0, |v| num(v, "/status/numberReady")),
         ],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "Role",
+        plural: "roles",
+        singular: "role",
+        namespaced: true,
+        short_names: &[],
+        subresources: &[],
+        categories: &[],
+        columns: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRole",
+        plural: "clusterroles",
+        singular: "clusterrole",
+        namespaced: false,
+        short_names: &[],
+        subresources: &[],
+        categories: &[],
+        columns: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+        singular: "rolebinding",
+        namespaced: true,
+        short_names: &[],
+        subresources: &[],
+        categories: &[],
+        columns: &[col!("Role", "string", 0, role_ref)],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRoleBinding",
+        plural: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        namespaced: false,
+        short_names: &[],
+        subresources: &[],
+        categories: &[],
+        columns: &[col!("Role", "string", 0, role_ref)],
     },
 ];
 

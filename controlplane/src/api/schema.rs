@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -66,6 +67,10 @@ pub fn decode(kind: &str, v: &Value) -> Result<(Value, Vec<String>), String> {
         "Deployment" => roundtrip::<Deployment>(v),
         "ReplicaSet" => roundtrip::<ReplicaSet>(v),
         "DaemonSet" => roundtrip::<DaemonSet>(v),
+        "Role" => roundtrip::<Role>(v),
+        "ClusterRole" => roundtrip::<ClusterRole>(v),
+        "RoleBinding" => roundtrip::<RoleBinding>(v),
+        "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(v),
         _ => return Ok((v.clone(), Vec::new())),
     }?;
     let mut out = Vec::new();
