@@ -127,6 +127,8 @@ struct Synced {
     frontends: usize,
     took_us: u64,
     model_us: u64,
+    diff_us: u64,
+    apply_us: u64,
     /// From the source noticing the change to the maps holding it.
     since_change_us: u64,
     /// When the sync ended (the log line's timestamp), ns since the epoch.
@@ -150,6 +152,8 @@ fn synced_lines(agent: &Proc) -> Vec<Synced> {
                 frontends: field("frontends") as usize,
                 took_us: field("took_us"),
                 model_us: field("model_us"),
+                diff_us: field("diff_us"),
+                apply_us: field("apply_us"),
                 since_change_us: field("since_change_us"),
                 at_ns: l
                     .split_whitespace()
@@ -191,6 +195,17 @@ fn wait_synced(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// CPU time (user + system) of a process, in clock ticks (10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -311,6 +326,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     write_atomic(&dir, "fillers.json", &text)?;
     let (prog, prog_wall) = wait_synced(&agent, seen, 10_000, t, Duration::from_secs(120))?;
     let (prog_sync_us, prog_model_us) = (prog.took_us, prog.model_us);
+    let (prog_diff_us, prog_apply_us) = (prog.diff_us, prog.apply_us);
     let seen = synced_lines(&agent).len();
     std::fs::remove_file(dir.join("fillers.json"))?;
     wait_synced(&agent, seen, 0, Instant::now(), Duration::from_secs(120))?;
@@ -346,6 +362,8 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
         // always goes first) and gives one ratio; the machine's noise moves both halves
         // of a round together, so the median of the rounds' ratios is the steadiest figure.
         let mut ratios = Vec::new();
+        let agent_ticks_before = cpu_ticks(agent.pid());
+        let rounds_start = Instant::now();
         for round in 0..rounds {
             let (d, c) = if round % 2 == 0 {
                 let d = rr(&topo, client.netns(), direct, seconds)?;
@@ -363,6 +381,11 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             c_p50.push(c.p50);
             c_p99.push(c.p99);
         }
+        // The agent's own CPU use while the paths were measured (it shares the machine).
+        let agent_cpu_pct = (cpu_ticks(agent.pid()).saturating_sub(agent_ticks_before)) as f64
+            * 10.0
+            / rounds_start.elapsed().as_millis().max(1) as f64
+            * 100.0;
         // EndpointSlice change -> data path: flip the target between b1 and b2.
         let mut lat_ms = Vec::new();
         // Per change: the write and when the client first reached the new backend.
@@ -430,6 +453,7 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
             "round_ratios": ratios,
             "ratio_of_medians": median(&mut c_rate) / median(&mut d_rate),
             "errors": errors,
+            "agent_cpu_pct_during_rounds": agent_cpu_pct,
             "sync_us": sync_us,
             "program_wall_ms": wall.as_secs_f64() * 1e3,
             "slice_change_ms": {"p50": percentile(&mut lat_ms, 0.5), "p99": percentile(&mut lat_ms, 0.99), "max": percentile(&mut lat_ms, 1.0)},
@@ -485,14 +509,16 @@ pub fn run(root: &Path, which: Which) -> Result<()> {
     }
     let _ = writeln!(
         report,
-        "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync ({:.1} ms model + maps), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
+        "programming 10,000 Services x {ENDPOINTS_PER_SERVICE} endpoints from nothing: {:.1} ms in the agent's sync ({:.1} ms model, {:.1} ms diff, {:.1} ms map writes), {:.1} ms from the manifest write (incl. parsing {} MB of JSON)",
         prog_sync_us as f64 / 1e3,
         prog_model_us as f64 / 1e3,
+        prog_diff_us as f64 / 1e3,
+        prog_apply_us as f64 / 1e3,
         prog_wall.as_secs_f64() * 1e3,
         text.len() / 1_000_000
     );
     print!("{report}");
-    let out = json!({"results": results, "program_10k_from_nothing": {"sync_ms": prog_sync_us as f64 / 1e3, "model_ms": prog_model_us as f64 / 1e3, "wall_ms": prog_wall.as_secs_f64() * 1e3}});
+    let out = json!({"results": results, "program_10k_from_nothing": {"sync_ms": prog_sync_us as f64 / 1e3, "model_ms": prog_model_us as f64 / 1e3, "diff_ms": prog_diff_us as f64 / 1e3, "apply_ms": prog_apply_us as f64 / 1e3, "wall_ms": prog_wall.as_secs_f64() * 1e3}});
     let path = root.join(json_path);
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;

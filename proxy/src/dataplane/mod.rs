@@ -18,6 +18,9 @@ pub struct SyncReport {
     pub full_maps: Vec<&'static str>,
     /// Other write errors.
     pub errors: usize,
+    /// Time spent working out the writes, and making them (µs).
+    pub diff_us: u64,
+    pub apply_us: u64,
 }
 
 /// A data-plane mode.

@@ -942,8 +942,10 @@ impl EbpfDataplane {
             .collect();
         let t = std::time::Instant::now();
         let mut report = self.apply(&changes);
+        report.diff_us = diff_us;
+        report.apply_us = t.elapsed().as_micros() as u64;
         debug!(
-            apply_us = t.elapsed().as_micros() as u64,
+            apply_us = report.apply_us,
             writes = report.writes,
             "applied"
         );
