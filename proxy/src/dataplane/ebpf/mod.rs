@@ -431,9 +431,9 @@ impl EbpfDataplane {
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed: HashSet<usize> = HashSet::new();
-        // By plan; sized by what is written, not by the number of plans (the full-map
-        // retry applies one plan at a time out of 100,000s).
-        let mut undo: foldhash::HashMap<usize, Vec<Op>> = foldhash::HashMap::default();
+        // What undoes each write, tagged with its plan, in write order (no per-write
+        // lookup: rolling back is rare, writing is not).
+        let mut undo: Vec<(usize, Op)> = Vec::new();
         // Grow the mirror once, not by doubling while 100,000s of entries go in.
         let (slots, backends) =
             stages
@@ -447,8 +447,12 @@ impl EbpfDataplane {
         self.mirror.services.reserve(slots);
         self.mirror.backends.reserve(backends);
         for stage in stages {
-            let mut ops: Vec<&plan::Tagged> = stage.iter().collect();
-            ops.sort_by_key(|(_, op)| rank(op));
+            // Grouped by kind in rank order (a stable bucket pass, not a sort).
+            let mut buckets: [Vec<&plan::Tagged>; 8] = Default::default();
+            for t in stage.iter() {
+                buckets[rank(&t.1) as usize].push(t);
+            }
+            let ops: Vec<&plan::Tagged> = buckets.into_iter().flatten().collect();
             let failed_before = failed.clone();
             for group in ops.chunk_by(|a, b| rank(&a.1) == rank(&b.1)) {
                 let group: Vec<&plan::Tagged> = group
@@ -462,7 +466,7 @@ impl EbpfDataplane {
                         Ok(()) => {
                             let inverse = plan::apply_to_mirror(&mut self.mirror, op);
                             if let Some(p) = plan {
-                                undo.entry(*p).or_default().push(inverse);
+                                undo.push((*p, inverse));
                             }
                             report.writes += 1;
                         }
@@ -492,9 +496,17 @@ impl EbpfDataplane {
                 }
             }
             // Roll back what the plans that just failed had already written.
-            let newly: Vec<usize> = failed.difference(&failed_before).copied().collect();
-            for p in newly {
-                for op in undo.remove(&p).unwrap_or_default().into_iter().rev() {
+            // Newest first (each plan's own writes in reverse order), in one pass.
+            let newly: HashSet<usize> = failed.difference(&failed_before).copied().collect();
+            if !newly.is_empty() {
+                let ops: Vec<Op> = undo
+                    .iter()
+                    .rev()
+                    .filter(|(q, _)| newly.contains(q))
+                    .map(|(_, op)| op.clone())
+                    .collect();
+                undo.retain(|(q, _)| !newly.contains(q));
+                for op in ops {
                     if self.write(&op).is_ok() {
                         let _ = plan::apply_to_mirror(&mut self.mirror, &op);
                     }
