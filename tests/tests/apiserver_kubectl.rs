@@ -1932,8 +1932,6 @@ fn kubectl_explain_service_fields() -> Result<()> {
 /// Validation of other kinds than Service: ConfigMap keys, Deployment replicas, and the
 /// Service's sessionAffinity enum.
 #[test]
-#[ignore = "capstan-server: no validation of ConfigMap data keys, Deployment spec.replicas \
-            or Service spec.sessionAffinity (all three are stored as sent)"]
 fn kubectl_refuses_invalid_fields_of_other_kinds() -> Result<()> {
     let k = Cluster::start()?;
     let web = k.file("web.yaml", WEB_YAML)?;

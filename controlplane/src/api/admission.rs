@@ -185,8 +185,14 @@ pub fn admit_service(
         }
         return if errs.is_empty() { Ok(()) } else { Err(errs) };
     }
-    if spec.get("sessionAffinity").is_none() {
-        spec["sessionAffinity"] = json!("None");
+    match spec.get("sessionAffinity").and_then(|a| a.as_str()) {
+        None => spec["sessionAffinity"] = json!("None"),
+        Some("None" | "ClientIP") => {}
+        Some(other) => errs.push(cause(
+            "spec.sessionAffinity",
+            "FieldValueNotSupported",
+            format!("Unsupported value: {other:?}: supported values: \"ClientIP\", \"None\""),
+        )),
     }
     if spec.get("internalTrafficPolicy").is_none() {
         spec["internalTrafficPolicy"] = json!("Cluster");
@@ -442,6 +448,53 @@ pub fn admit_service(
     Ok(())
 }
 
+/// Checks the fields kube-apiserver validates for kinds without their own admission here:
+/// ConfigMap and Secret data keys, workload replica counts.
+pub fn validate_other(kind: &str, v: &Value) -> Vec<Cause> {
+    let mut errs = Vec::new();
+    match kind {
+        "ConfigMap" | "Secret" => {
+            for field in ["data", "binaryData", "stringData"] {
+                for key in v
+                    .get(field)
+                    .and_then(|d| d.as_object())
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k)
+                {
+                    let ok = !key.is_empty()
+                        && key.len() <= 253
+                        && key
+                            .bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                        && key != "."
+                        && key != "..";
+                    if !ok {
+                        errs.push(invalid(
+                            format!("{field}[{key}]"),
+                            &json!(key),
+                            "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')",
+                        ));
+                    }
+                }
+            }
+        }
+        "Deployment" | "ReplicaSet" => {
+            if let Some(r) = v.pointer("/spec/replicas").and_then(|r| r.as_i64())
+                && r < 0
+            {
+                errs.push(invalid(
+                    "spec.replicas",
+                    &json!(r),
+                    "must be greater than or equal to 0",
+                ));
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
 /// Checks an EndpointSlice's shape (addressType, ports, addresses).
 pub fn validate_endpoint_slice(v: &Value) -> Vec<Cause> {
     let mut errs = Vec::new();
@@ -624,5 +677,34 @@ mod dual_stack_tests {
         let mut req =
             json!({"spec": {"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}});
         assert!(admit_service(&mut req, None, &mut single).is_err());
+    }
+}
+
+#[cfg(test)]
+mod other_tests {
+    use super::*;
+
+    #[test]
+    fn config_keys_replicas_and_affinity_are_checked() {
+        assert_eq!(
+            validate_other(
+                "ConfigMap",
+                &json!({"data": {"ok.key": "1", "bad key": "2"}})
+            )
+            .len(),
+            1
+        );
+        assert!(validate_other("ConfigMap", &json!({"data": {"a-b_c.d": "1"}})).is_empty());
+        assert_eq!(
+            validate_other("Deployment", &json!({"spec": {"replicas": -1}}))[0].0,
+            "spec.replicas"
+        );
+        let mut a = Allocator::new(vec!["10.96.0.0/24".parse().unwrap()], (30000, 30100));
+        let mut svc = json!({"spec": {"sessionAffinity": "Sticky", "ports": [{"port": 80}]}});
+        let errs = admit_service(&mut svc, None, &mut a).unwrap_err();
+        assert!(
+            errs[0].2.contains("Unsupported value: \"Sticky\""),
+            "{errs:?}"
+        );
     }
 }

@@ -545,7 +545,14 @@ impl Api {
                 }
                 Ok(())
             }
-            _ => Ok(()),
+            other => {
+                let causes = admission::validate_other(other, obj);
+                if causes.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ApiError::invalid(res.kind, res.group, name, causes))
+                }
+            }
         }
     }
 
