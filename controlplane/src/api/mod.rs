@@ -1018,21 +1018,7 @@ impl Api {
         ns: Option<&str>,
         params: &Params,
     ) -> Result<(Vec<Value>, u64, Option<String>, Option<u64>), ApiError> {
-        let labels = meta::LabelSelector::parse(
-            params
-                .get("labelSelector")
-                .map(String::as_str)
-                .unwrap_or(""),
-        )
-        .map_err(ApiError::bad_request)?;
-        let fields = meta::FieldSelector::parse(
-            params
-                .get("fieldSelector")
-                .map(String::as_str)
-                .unwrap_or(""),
-            res.kind,
-        )
-        .map_err(ApiError::bad_request)?;
+        let (labels, fields) = selectors(res, params)?;
         let limit: usize = params
             .get("limit")
             .and_then(|l| l.parse().ok())
@@ -1252,6 +1238,19 @@ fn merge_list(current: &mut Vec<Value>, patch: &[Value], key: &str, path: &str) 
             (None, false) => current.push(strip_directives(p)),
         }
     }
+}
+
+/// The request's label and field selectors (a bad one is a 400).
+fn selectors(
+    res: &Resource,
+    params: &Params,
+) -> Result<(meta::LabelSelector, meta::FieldSelector), ApiError> {
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
+    Ok((
+        meta::LabelSelector::parse(get("labelSelector")).map_err(ApiError::bad_request)?,
+        meta::FieldSelector::parse(get("fieldSelector"), res.kind)
+            .map_err(ApiError::bad_request)?,
+    ))
 }
 
 fn params_flag(params: &Params, k: &str) -> bool {

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 
 use super::resources::Resource;
 use super::status::ApiError;
-use super::{Api, BOOKMARK_EVERY, Params, decode, header_str, meta, store_err, stream_body, table};
+use super::{
+    Api, BOOKMARK_EVERY, Params, decode, header_str, selectors, store_err, stream_body, table,
+};
 use crate::store::{EventKind, StoreError, mvcc};
 
 fn line(kind: &str, object: Value) -> Bytes {
@@ -63,21 +65,7 @@ pub async fn serve(
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let labels = meta::LabelSelector::parse(
-        params
-            .get("labelSelector")
-            .map(String::as_str)
-            .unwrap_or(""),
-    )
-    .map_err(ApiError::bad_request)?;
-    let fields = meta::FieldSelector::parse(
-        params
-            .get("fieldSelector")
-            .map(String::as_str)
-            .unwrap_or(""),
-        res.kind,
-    )
-    .map_err(ApiError::bad_request)?;
+    let (labels, fields) = selectors(res, params)?;
     let plain = labels.0.is_empty()
         && fields.0.is_empty()
         && !table::wants_table(header_str(headers, header::ACCEPT));
