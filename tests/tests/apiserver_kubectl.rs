@@ -2042,3 +2042,157 @@ fn kubectl_server_side_apply_tracks_field_managers() -> Result<()> {
     ensure!(k.jsonpath(&["cm", "ssa"], "{.data.k1}")? == "other");
     Ok(())
 }
+
+/// Requests kubectl would not send: the answers are kube-apiserver's (status code, Status
+/// body with reason) and nothing is stored.
+#[test]
+fn bad_http_requests_get_kube_apiservers_answers() -> Result<()> {
+    let k = Cluster::start()?;
+    let tokens = std::fs::read_to_string(k.data.join("tokens.csv"))?;
+    let admin = tokens
+        .lines()
+        .find(|l| l.contains("system:masters"))
+        .and_then(|l| l.split(',').next())
+        .context("admin token")?
+        .to_string();
+    let ca = k.data.join("pki/ca.crt").display().to_string();
+    let url = "https://127.0.0.1:6443/api/v1/namespaces/default/configmaps";
+    // curl in the node namespace; returns (status, body).
+    let curl = |args: &[&str], body: Option<&str>| -> Result<(u16, Value)> {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert", &ca])
+            .args(args);
+        let file;
+        if let Some(b) = body {
+            file = k.file("body", b)?;
+            c.arg("--data-binary").arg(format!("@{file}"));
+        }
+        let out = k.topo.run(k.node.netns(), &mut c)?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').context("curl output")?;
+        Ok((
+            code.trim().parse()?,
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        ))
+    };
+    let auth = format!("Authorization: Bearer {admin}");
+    let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c1"},"data":{"a":"b"}}"#;
+    for (what, args, body, code, reason) in [
+        (
+            "no credentials",
+            vec!["-X", "POST", "-H", "Content-Type: application/json", url],
+            Some(cm),
+            401,
+            "Unauthorized",
+        ),
+        (
+            "a bad token",
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                "Authorization: Bearer nope",
+                "-H",
+                "Content-Type: application/json",
+                url,
+            ],
+            Some(cm),
+            401,
+            "Unauthorized",
+        ),
+        (
+            "a wrong content type",
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: text/plain",
+                url,
+            ],
+            Some(cm),
+            415,
+            "UnsupportedMediaType",
+        ),
+        (
+            "malformed JSON",
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                url,
+            ],
+            Some("{\"apiVersion\": "),
+            400,
+            "BadRequest",
+        ),
+        (
+            "a kind that does not match the URL",
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                url,
+            ],
+            Some(r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"c1"}}"#),
+            400,
+            "BadRequest",
+        ),
+    ] {
+        let (got, status) = curl(&args, body)?;
+        ensure!(got == code, "{what}: HTTP {got}, want {code}: {status}");
+        ensure!(
+            status["kind"] == "Status" && status["reason"] == reason,
+            "{what}: {status}"
+        );
+    }
+    // An object over 1.5 MiB.
+    let big = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"a":"{}"}}}}"#,
+        "x".repeat(1_600_000)
+    );
+    let (got, status) = curl(
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            url,
+        ],
+        Some(&big),
+    )?;
+    ensure!(
+        got == 413 && status["reason"] == "RequestEntityTooLarge",
+        "oversized: HTTP {got}: {status}"
+    );
+    // Nothing was stored.
+    let out = k.ok(&["get", "configmaps", "-o", "name"])?;
+    ensure!(
+        !out.contains("configmap/c1") && !out.contains("configmap/big"),
+        "stored: {out}"
+    );
+    // And a good request with the same client works.
+    let (got, _) = curl(
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            url,
+        ],
+        Some(cm),
+    )?;
+    ensure!(got == 201, "a good create: HTTP {got}");
+    Ok(())
+}
