@@ -62,6 +62,9 @@ async fn authenticate(State(a): State<AuthState>, req: Request, next: Next) -> R
         None if a.anonymous => next.run(req).await,
         _ => {
             debug!(path = %req.uri().path(), "unauthenticated request refused");
+            // Read (and drop) what the client is sending before answering, so that it
+            // gets the 401 instead of a reset connection halfway through its body.
+            let _ = axum::body::to_bytes(req.into_body(), api::MAX_BODY_BYTES).await;
             ApiError::unauthorized().into_response()
         }
     }
