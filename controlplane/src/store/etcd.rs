@@ -199,14 +199,12 @@ impl Etcd {
         at: Option<Revision>,
         limit: usize,
     ) -> Result<Range, StoreError> {
-        let start: Vec<u8> = match start_after {
-            Some(k) if k >= prefix => {
-                let mut s = k.as_bytes().to_vec();
-                s.push(0);
-                s
-            }
-            _ => prefix.as_bytes().to_vec(),
-        };
+        // etcd ranges include their start: the key right after an excluded one is key + NUL.
+        let (from, excluded) = mvcc::range_start(prefix, start_after);
+        let mut start = from.as_bytes().to_vec();
+        if excluded {
+            start.push(0);
+        }
         let mut body = json!({"key": b64(&start), "range_end": b64(&prefix_end(prefix))});
         if let Some(r) = at {
             body["revision"] = json!(r.to_string());

@@ -87,6 +87,16 @@ pub struct Range {
     pub revision: Revision,
 }
 
+/// Where a range read of `prefix` resuming after `start_after` begins: the key, and
+/// whether it is excluded (a continuation) or included (the prefix itself). Both backends
+/// page the same way.
+pub fn range_start<'a>(prefix: &'a str, start_after: Option<&'a str>) -> (&'a str, bool) {
+    match start_after {
+        Some(k) if k >= prefix => (k, true),
+        _ => (prefix, false),
+    }
+}
+
 /// The multi-version map. History is kept per key until compaction.
 #[derive(Debug, Default)]
 pub struct Mvcc {
@@ -162,9 +172,9 @@ impl Mvcc {
     ) -> Result<Range, Error> {
         let at = at.unwrap_or(self.revision);
         self.check(at)?;
-        let lower = match start_after {
-            Some(k) if k >= prefix => Bound::Excluded(k.to_string()),
-            _ => Bound::Included(prefix.to_string()),
+        let lower = match range_start(prefix, start_after) {
+            (k, true) => Bound::Excluded(k.to_string()),
+            (k, false) => Bound::Included(k.to_string()),
         };
         let mut kvs = Vec::new();
         let mut more = false;
